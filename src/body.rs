@@ -1,0 +1,207 @@
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+
+/// A boxed error, as bodies and services in the tower ecosystem use.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// The request body the inner service sees: the original body for
+    /// requests the layer passes through, the buffered body for guarded ones.
+    ///
+    /// # Example
+    /// ```
+    /// use http_body_util::BodyExt;
+    /// use tower_idempotency::RequestBody;
+    ///
+    /// // Inner services read it like any other body.
+    /// async fn read(body: RequestBody<String>) -> bytes::Bytes {
+    ///     body.collect().await.unwrap().to_bytes()
+    /// }
+    /// # drop(read);
+    /// ```
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Inner { #[pin] body: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        Self { kind: RequestKind::Buffered { data, trailers } }
+    }
+
+    pub(crate) fn inner(body: B) -> Self {
+        Self { kind: RequestKind::Inner { body } }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Buffered { data, trailers } => {
+                Poll::Ready(data.take().map(Frame::data).or_else(|| trailers.take().map(Frame::trailers)).map(Ok))
+            }
+            RequestKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            RequestKind::Inner { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Buffered { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            RequestKind::Inner { body } => body.size_hint(),
+        }
+    }
+}
+
+/// What the recording task sends to the client-facing body.
+pub(crate) enum Message {
+    Frame(Frame<Bytes>),
+    Error(BoxError),
+    End,
+}
+
+pin_project! {
+    /// The response body the client gets: the inner service's own body when
+    /// nothing is recorded, bytes held in memory for replays and rejections,
+    /// or frames streamed from the task that records them.
+    ///
+    /// # Example
+    /// ```
+    /// use http_body_util::BodyExt;
+    /// use tower_idempotency::ResponseBody;
+    ///
+    /// async fn read(body: ResponseBody<axum::body::Body>) -> bytes::Bytes {
+    ///     body.collect().await.unwrap().to_bytes()
+    /// }
+    /// # drop(read);
+    /// ```
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        Inner { #[pin] body: B },
+        Buffered { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
+        Streamed { chunks: VecDeque<Bytes>, frames: mpsc::Receiver<Message>, done: bool },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self { kind: ResponseKind::Inner { body } }
+    }
+
+    pub(crate) fn buffered(chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        Self { kind: ResponseKind::Buffered { chunks, trailers } }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        let chunks = if data.is_empty() { VecDeque::new() } else { VecDeque::from([data]) };
+        Self::buffered(chunks, None)
+    }
+
+    /// `chunks` first, then what arrives on `frames` until [`Message::End`].
+    pub(crate) fn streamed(chunks: VecDeque<Bytes>, frames: mpsc::Receiver<Message>) -> Self {
+        Self { kind: ResponseKind::Streamed { chunks, frames, done: false } }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseKindProj::Buffered { chunks, trailers } => Poll::Ready(
+                chunks.pop_front().map(Frame::data).or_else(|| trailers.take().map(Frame::trailers)).map(Ok),
+            ),
+            ResponseKindProj::Streamed { chunks, frames, done } => {
+                if let Some(chunk) = chunks.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                if *done {
+                    return Poll::Ready(None);
+                }
+                let message = ready!(frames.poll_recv(cx));
+                Poll::Ready(match message {
+                    Some(Message::Frame(frame)) => Some(Ok(frame)),
+                    Some(Message::Error(error)) => {
+                        *done = true;
+                        Some(Err(error))
+                    }
+                    Some(Message::End) => {
+                        *done = true;
+                        None
+                    }
+                    None => {
+                        *done = true;
+                        Some(Err("the response was aborted before it was complete".into()))
+                    }
+                })
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Buffered { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
+            ResponseKind::Streamed { chunks, done, .. } => chunks.is_empty() && *done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Buffered { chunks, .. } => {
+                SizeHint::with_exact(chunks.iter().map(|chunk| chunk.len() as u64).sum())
+            }
+            ResponseKind::Streamed { chunks, .. } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(chunks.iter().map(|chunk| chunk.len() as u64).sum());
+                hint
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! A Tower layer that makes retried HTTP and gRPC requests safe.
+//!
+//! A client times out and retries, but the first attempt had already
+//! charged the card: one order, two charges. [`IdempotencyLayer`] turns
+//! retries into one business outcome. The first request with an
+//! `Idempotency-Key` runs; its response (status, headers, body and trailers)
+//! is recorded while it streams to the client; every later request with the
+//! same key and the same payload gets that response again, byte for byte,
+//! with `Idempotent-Replayed: true`.
+//!
+//! # Quick start
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! let app: Router = Router::new()
+//!     .route("/v1/charges", post(|| async { "charged once" }))
+//!     .layer(IdempotencyLayer::memory());
+//! # drop(app);
+//! ```
+//!
+//! The layer works the same in `axum::Router::route_layer`, in tonic's
+//! `Server::builder().layer(..)`, and around any `tower::Service` that takes
+//! `http::Request<B>` with `B: http_body::Body<Data = Bytes>`.
+//!
+//! # Behaviour
+//!
+//! | request | response |
+//! |---|---|
+//! | method not guarded (default: not `POST`/`PATCH`), or no key | passed through untouched |
+//! | no key, key required | 400 `missing-key` |
+//! | empty, over 255 bytes, non-ASCII, control or space characters, two key fields | 400 `invalid-key` |
+//! | scope function returns `None` | 400 `missing-scope` |
+//! | body over the cap (default 1 MiB) | 413 `body-too-large`, nothing runs |
+//! | first request with a key | runs; response stored unless 5xx, 408, 425, 429 |
+//! | same key, same payload, finished | stored response replayed, `Idempotent-Replayed: true` |
+//! | same key, different payload (in flight or finished) | 422 `key-reused` |
+//! | same key, same payload, still running | 409 + `Retry-After`; or 202; or wait and replay |
+//! | finished key, [`CompletedStrategy::Reject`] | 409 `key-already-used` |
+//! | finished key whose response was not stored (too large, body failed) | 410 `response-not-stored` |
+//! | store down or slow, [`FailureMode::FailClosed`] | 503 `store-unavailable` + `Retry-After`, nothing runs |
+//! | store down or slow, [`FailureMode::FailOpen`] | runs unguarded, counted |
+//! | inner service panics | 500 `handler-panicked`, key released |
+//!
+//! Rejections are `application/problem+json` (RFC 9457), one `type` per
+//! case; gRPC requests get a gRPC status in a trailers-only response instead
+//! (see [`RejectionKind`]). [`IdempotencyLayer::with_responder`] replaces
+//! them.
+//!
+//! # Identity
+//!
+//! A record is identified by (namespace, scope, key), hashed with SHA-256
+//! ([`RecordId`]): key bytes never reach a store's key names. The default
+//! scope is the SHA-256 of the `Authorization` header, so two API keys never
+//! share records; requests without one share the anonymous scope. If your
+//! callers authenticate otherwise, set [`IdempotencyLayer::with_scope`].
+//!
+//! The [`Fingerprint`] covers method, path and query, the body and the
+//! `content-type` header ([`IdempotencyLayer::with_fingerprint_headers`]).
+//!
+//! # Executions
+//!
+//! The inner service runs on its own Tokio task under a claim with a lease
+//! (default 30 s) that is renewed while it runs, up to a ceiling. A client
+//! that disconnects does not stop it: its response is still recorded, and
+//! the retry gets the replay. A panic releases the claim. The handler sees
+//! an [`IdempotencyContext`] (key, scope, fencing token) in the request's
+//! extensions.
+//!
+//! Responses stream to the client as the inner service produces them; a copy
+//! is kept up to the storage cap. The end of the body reaches the client
+//! only once the record is stored, so a client that read a whole response
+//! and sends the key again always gets the replay.
+//!
+//! # Stores
+//!
+//! [`store::MemoryStore`] is built in; other stores implement [`store::Store`].
+//!
+//! # Observability
+//!
+//! `tracing` events per [`Outcome`] at `debug` (store failures and stale
+//! owners at `warn`), with the key shown only as its hashed [`RecordId`];
+//! counters per outcome through [`IdempotencyLayer::metrics`].
+//!
+//! # Features
+//!
+//! - `axum`: [`IdempotencyContext`] as an axum extractor.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod context;
+mod fingerprint;
+mod future;
+mod key;
+mod layer;
+mod metrics;
+pub mod policy;
+mod record;
+mod response;
+mod service;
+pub mod store;
+
+pub use body::{BoxError, RequestBody, ResponseBody};
+pub use context::IdempotencyContext;
+pub use fingerprint::Fingerprint;
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordId, Scope};
+pub use layer::{ConfigError, IdempotencyLayer};
+pub use metrics::{Metrics, Outcome};
+pub use policy::{CompletedStrategy, FailureMode, InFlightPolicy, StoreResponse};
+pub use record::{DecodeError, NotStored, Record, StoredResponse};
+pub use response::{DefaultResponder, Rejection, RejectionKind, Responder};
+pub use service::{Idempotency, REPLAYED_HEADER};
+pub use store::{FencingToken, Store};

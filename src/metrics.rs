@@ -1,0 +1,116 @@
+//! Counters per outcome, for the application to export.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+/// What happened to one guarded request.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::Outcome;
+///
+/// assert_eq!(Outcome::Replayed.as_str(), "replayed");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The inner service ran under a fresh claim.
+    Executed,
+    /// A stored response was replayed.
+    Replayed,
+    /// A duplicate arrived while the first request ran (409, 202, or a wait
+    /// that timed out).
+    InFlight,
+    /// The key was reused for a different request (422).
+    Mismatch,
+    /// The request was refused before anything ran: missing or invalid key,
+    /// missing scope, body too large or unreadable, reuse refused.
+    Rejected,
+    /// A store call failed or timed out.
+    StoreError,
+    /// The store failed and the request was forwarded unguarded.
+    FailedOpen,
+    /// A complete, release or renew found another owner: its lease had run
+    /// out.
+    StaleOwner,
+}
+
+impl Outcome {
+    /// Every outcome, in a fixed order.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::Outcome;
+    /// assert_eq!(Outcome::ALL.len(), 8);
+    /// ```
+    pub const ALL: [Outcome; 8] = [
+        Self::Executed,
+        Self::Replayed,
+        Self::InFlight,
+        Self::Mismatch,
+        Self::Rejected,
+        Self::StoreError,
+        Self::FailedOpen,
+        Self::StaleOwner,
+    ];
+
+    /// A stable snake-case name, for metric labels.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::Outcome;
+    /// assert_eq!(Outcome::StoreError.as_str(), "store_error");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::Mismatch => "mismatch",
+            Self::Rejected => "rejected",
+            Self::StoreError => "store_error",
+            Self::FailedOpen => "failed_open",
+            Self::StaleOwner => "stale_owner",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters per [`Outcome`], shared by a layer and every service it made.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, Outcome};
+///
+/// let layer = IdempotencyLayer::memory();
+/// let metrics = layer.metrics();
+/// for outcome in Outcome::ALL {
+///     println!("idempotency_requests_total{{outcome=\"{}\"}} {}", outcome.as_str(), metrics.get(outcome));
+/// }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    counters: Arc<[AtomicU64; 8]>,
+}
+
+impl Metrics {
+    /// How many requests had `outcome` so far.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, Outcome};
+    /// assert_eq!(IdempotencyLayer::memory().metrics().get(Outcome::Executed), 0);
+    /// ```
+    pub fn get(&self, outcome: Outcome) -> u64 {
+        self.counters[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record(&self, outcome: Outcome) {
+        self.counters[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,791 @@
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    fmt,
+    future::{Future, poll_fn},
+    pin::pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::{
+    BoxError, CompletedStrategy, FailureMode, Fingerprint, IdempotencyContext, IdempotencyKey, InFlightPolicy,
+    NotStored, Outcome, Record, RecordId, Rejection, RejectionKind, RequestBody, ResponseBody, ResponseFuture, Scope,
+    StoreResponse, StoredResponse,
+    body::Message,
+    layer::Config,
+    policy::grpc_to_http,
+    store::{Claim, ClaimRequest, Lease, MemoryStore, OwnerToken, Store, StoreError},
+};
+
+/// The header added to every replayed response.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Frames buffered between the recording task and a slow client.
+const STREAM_BUFFER: usize = 4;
+
+/// The service [`crate::IdempotencyLayer`] wraps around an inner service.
+///
+/// The inner service sees [`RequestBody`] request bodies; the client gets
+/// [`ResponseBody`] response bodies. Store failures become responses, never
+/// errors: the error type is the inner service's.
+///
+/// Guarded requests need a Tokio runtime: the inner service runs on a
+/// spawned task, so a client that disconnects does not cancel it and its
+/// result is still stored.
+///
+/// # Example
+/// ```
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+/// use tower_idempotency::{IdempotencyLayer, RequestBody};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let service = ServiceBuilder::new()
+///     .layer(IdempotencyLayer::memory())
+///     .service(service_fn(|_: http::Request<RequestBody<String>>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("charged")))
+///     }));
+/// let request = http::Request::post("/charges").header("idempotency-key", "k1").body(String::new()).unwrap();
+/// let response = service.oneshot(request).await.unwrap();
+/// assert_eq!(response.status(), 200);
+/// # });
+/// ```
+pub struct Idempotency<S, St = MemoryStore> {
+    inner: S,
+    config: Arc<Config<St>>,
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, config: Arc<Config<St>>) -> Self {
+        Self { inner, config }
+    }
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), config: self.config.clone() }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl<S, St, B, ResB> Service<Request<B>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let config = &self.config;
+        if !config.methods.contains(request.method()) {
+            return ResponseFuture::inner(self.inner.call(request.map(RequestBody::inner)));
+        }
+        let grpc = is_grpc(request.headers());
+        let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                let (parts, body) = request.into_parts();
+                if config.require.as_ref().is_some_and(|required| required(&parts)) {
+                    return ResponseFuture::ready(config.reject(RejectionKind::MissingKey, grpc));
+                }
+                let request = Request::from_parts(parts, RequestBody::inner(body));
+                return ResponseFuture::inner(self.inner.call(request));
+            }
+            Err(error) => return ResponseFuture::ready(config.reject(RejectionKind::InvalidKey(error), grpc)),
+        };
+        // The ready service goes into the future; a fresh clone stays behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let span = tracing::debug_span!("idempotency", key = tracing::field::Empty);
+        let guarded = Guarded { config: self.config.clone(), grpc };
+        ResponseFuture::guarded(Box::pin(guarded.run(inner, request, key).instrument(span)))
+    }
+}
+
+/// Whether a request or response is gRPC (`content-type: application/grpc*`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Runs a store call under `timeout`. A call that is ready at once (the
+/// memory store) never touches the timer.
+pub(crate) async fn with_timeout<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let mut call = pin!(call);
+    if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+        return result;
+    }
+    tokio::time::timeout(timeout, call).await.unwrap_or(Err(StoreError::Timeout(timeout)))
+}
+
+impl<St> Config<St> {
+    pub(crate) fn note(&self, outcome: Outcome, id: &RecordId) {
+        self.metrics.record(outcome);
+        tracing::debug!(outcome = outcome.as_str(), key = %id, "idempotency outcome");
+    }
+
+    fn store_failed(&self, id: &RecordId, call: &'static str, error: &StoreError) {
+        if matches!(error, StoreError::NotOwner) {
+            self.metrics.record(Outcome::StaleOwner);
+            tracing::warn!(call, key = %id, "lease ran out before {call}: another request may own the key");
+        } else {
+            self.metrics.record(Outcome::StoreError);
+            tracing::warn!(call, key = %id, %error, "idempotency store call failed");
+        }
+    }
+
+    fn reject<B>(&self, kind: RejectionKind, grpc: bool) -> Response<ResponseBody<B>> {
+        self.reject_with(Rejection::new(kind, grpc))
+    }
+
+    fn reject_with<B>(&self, rejection: Rejection) -> Response<ResponseBody<B>> {
+        let outcome = match rejection.kind() {
+            RejectionKind::KeyReused => Some(Outcome::Mismatch),
+            RejectionKind::InFlight | RejectionKind::InFlightAccepted => Some(Outcome::InFlight),
+            RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked => None,
+            _ => Some(Outcome::Rejected),
+        };
+        if let Some(outcome) = outcome {
+            self.metrics.record(outcome);
+            tracing::debug!(
+                outcome = outcome.as_str(),
+                rejection = rejection.kind().problem_type(),
+                "idempotency outcome"
+            );
+        }
+        let rejection = match rejection.kind() {
+            RejectionKind::InFlight | RejectionKind::InFlightAccepted | RejectionKind::StoreUnavailable => {
+                rejection.with_retry_after(self.retry_after)
+            }
+            _ => rejection,
+        };
+        self.responder.respond(&rejection).map(ResponseBody::full)
+    }
+
+    fn keeps(&self, verdict: Option<StoreResponse>, status: StatusCode) -> bool {
+        match verdict {
+            Some(StoreResponse::Always) => true,
+            Some(StoreResponse::Never) => false,
+            None => (self.store_if)(status),
+        }
+    }
+}
+
+/// One guarded request, from its key to its response.
+struct Guarded<St> {
+    config: Arc<Config<St>>,
+    grpc: bool,
+}
+
+/// What identifies a guarded request once its body is read.
+struct Identity {
+    key: IdempotencyKey,
+    scope: Scope,
+    id: RecordId,
+    fingerprint: Fingerprint,
+}
+
+impl<St: Store> Guarded<St> {
+    async fn run<S, B, ResB>(
+        self,
+        inner: S,
+        request: Request<B>,
+        key: IdempotencyKey,
+    ) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
+        S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let config = &self.config;
+        let (parts, body) = request.into_parts();
+        let Some(scope) = (config.scope)(&parts) else {
+            return Ok(config.reject(RejectionKind::MissingScope, self.grpc));
+        };
+        let (body, trailers) = match read_body(body, config.body_limit).await {
+            Ok(body) => body,
+            Err(kind) => return Ok(config.reject(kind, self.grpc)),
+        };
+        let fingerprint = Fingerprint::of(&parts, &config.fingerprint_headers, &body);
+        let id = RecordId::new(&config.namespace, &scope, &key);
+        tracing::Span::current().record("key", tracing::field::display(&id));
+        let identity = Identity { key, scope, id, fingerprint };
+        let claim = ClaimRequest::new(id, fingerprint, config.lease)
+            .with_replace_completed(config.completed == CompletedStrategy::Rerun);
+        let wait_until = match config.in_flight {
+            InFlightPolicy::Wait(timeout) => Some(Instant::now() + timeout),
+            _ => None,
+        };
+        loop {
+            let claimed = match with_timeout(config.store_timeout, config.store.claim(claim)).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    config.store_failed(&id, "claim", &error);
+                    return match config.failure {
+                        FailureMode::FailOpen => {
+                            config.note(Outcome::FailedOpen, &id);
+                            let request = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+                            let mut inner = inner;
+                            inner.call(request).await.map(|response| response.map(ResponseBody::inner))
+                        }
+                        _ => Ok(config.reject(RejectionKind::StoreUnavailable, self.grpc)),
+                    };
+                }
+            };
+            match claimed {
+                Claim::Acquired(lease) => {
+                    let request = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+                    return self.execute(inner, request, identity, lease).await;
+                }
+                Claim::InFlight { fingerprint: theirs } if theirs != fingerprint => {
+                    return Ok(config.reject(RejectionKind::KeyReused, self.grpc));
+                }
+                Claim::InFlight { .. } => match &config.in_flight {
+                    InFlightPolicy::Conflict => return Ok(config.reject(RejectionKind::InFlight, self.grpc)),
+                    InFlightPolicy::Accepted { status_url } => {
+                        let location = status_url.as_deref().and_then(|url| status_location(url, &identity.key));
+                        let rejection = Rejection::new(RejectionKind::InFlightAccepted, self.grpc);
+                        return Ok(config.reject_with(rejection.with_location(location)));
+                    }
+                    InFlightPolicy::Wait(_) => {
+                        let deadline = wait_until.unwrap_or_else(Instant::now);
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Ok(config.reject(RejectionKind::InFlight, self.grpc));
+                        }
+                        let wait = config.store.wait(&id, deadline - now);
+                        let _ = tokio::time::timeout_at(deadline, wait).await;
+                    }
+                },
+                Claim::Completed(record) if record.fingerprint() != fingerprint => {
+                    return Ok(config.reject(RejectionKind::KeyReused, self.grpc));
+                }
+                Claim::Completed(_) if config.completed == CompletedStrategy::Reject => {
+                    return Ok(config.reject(RejectionKind::KeyAlreadyUsed, self.grpc));
+                }
+                Claim::Completed(record) => return Ok(self.replay(record, &id)),
+            }
+        }
+    }
+
+    fn replay<B>(&self, record: Record, id: &RecordId) -> Response<ResponseBody<B>> {
+        match record.into_response() {
+            Ok(stored) => {
+                let (status, mut headers, body, trailers) = stored.into_parts();
+                headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                let chunks = if body.is_empty() { VecDeque::new() } else { VecDeque::from([body]) };
+                let mut response = Response::new(ResponseBody::buffered(chunks, trailers));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                self.config.note(Outcome::Replayed, id);
+                response
+            }
+            Err(reason) => self.config.reject(RejectionKind::ResponseNotStored(reason), self.grpc),
+        }
+    }
+
+    /// Runs the inner service on its own task under the claim, and answers
+    /// with its response as soon as the head is there.
+    async fn execute<S, B, ResB>(
+        self,
+        inner: S,
+        mut request: Request<RequestBody<B>>,
+        identity: Identity,
+        lease: Lease,
+    ) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
+        S: Service<Request<RequestBody<B>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        let Identity { key, scope, id, fingerprint } = identity;
+        self.config.note(Outcome::Executed, &id);
+        request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, lease.fencing_token()));
+        let claim = Execution::new(self.config.clone(), id, lease.owner(), fingerprint);
+        let (answer, answered) = oneshot::channel();
+        let task = execute_detached(inner, request, claim, answer);
+        tokio::spawn(task.instrument(tracing::Span::current()));
+        match answered.await {
+            Ok(result) => result,
+            // The task ended without answering: the inner service panicked.
+            // Its claim was released as the task unwound.
+            Err(_) => Ok(self.config.reject(RejectionKind::HandlerPanicked, self.grpc)),
+        }
+    }
+}
+
+type Answer<ResB, E> = oneshot::Sender<Result<Response<ResponseBody<ResB>>, E>>;
+
+/// The task that runs the inner service, records its response while it
+/// streams to the client, and completes or releases the claim. It runs to the
+/// end even when the client has gone.
+async fn execute_detached<S, St, B, ResB>(
+    mut inner: S,
+    request: Request<RequestBody<B>>,
+    mut claim: Execution<St>,
+    answer: Answer<ResB, S::Error>,
+) where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResB>>,
+    St: Store,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let response = match claim.alive(inner.call(request)).await {
+        Ok(response) => response,
+        Err(error) => {
+            claim.release().await;
+            let _ = answer.send(Err(error));
+            return;
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let verdict = parts.extensions.get::<StoreResponse>().copied();
+    if !claim.config.keeps(verdict, effective_status(parts.status, &parts.headers)) {
+        claim.release().await;
+        let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::inner(body))));
+        return;
+    }
+    let mut recorder = Recorder::new(&parts, claim.config.response_limit, verdict);
+    let mut body = pin!(body);
+
+    // Take what the body has ready without waiting: a body that is complete
+    // at once is stored before the client sees it, and sent in one piece.
+    let mut early = VecDeque::new();
+    loop {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> =
+            poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))).await;
+        match polled {
+            Poll::Pending => break,
+            Poll::Ready(Some(Ok(frame))) => {
+                recorder.push(&frame);
+                match frame.into_data() {
+                    Ok(data) => early.push_back(data),
+                    Err(_) => break,
+                }
+            }
+            Poll::Ready(None) => {
+                let retry = claim.finish(&recorder).await;
+                let trailers = recorder.trailers.clone();
+                let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
+                claim.settle_later(retry).await;
+                return;
+            }
+            Poll::Ready(Some(Err(error))) => {
+                let retry = claim.fail().await;
+                let (client, frames) = mpsc::channel(1);
+                let _ = client.try_send(Message::Error(error));
+                let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::streamed(early, frames))));
+                claim.settle_later(retry).await;
+                return;
+            }
+        }
+    }
+    if recorder.trailers.is_some() {
+        // Trailers end a body: it finished without ever waiting.
+        let retry = claim.finish(&recorder).await;
+        let trailers = recorder.trailers.clone();
+        let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
+        claim.settle_later(retry).await;
+        return;
+    }
+
+    // The body streams: send the head and what came so far, then each frame
+    // as it comes. The end reaches the client only once the record is
+    // settled, so a client that has the whole response and sends the same
+    // key again gets the replay, never a 409.
+    let (frames, client_frames) = mpsc::channel(STREAM_BUFFER);
+    let head = Response::from_parts(parts, ResponseBody::streamed(early, client_frames));
+    let mut client = answer.send(Ok(head)).is_ok().then_some(frames);
+    loop {
+        let frame = claim.alive(body.frame()).await;
+        let frame = frame.map(|frame| frame.map_err(Into::<BoxError>::into));
+        match frame {
+            Some(Ok(frame)) => {
+                recorder.push(&frame);
+                if frame.is_trailers() || body.is_end_stream() || recorder.reached_declared_length() {
+                    let retry = claim.finish(&recorder).await;
+                    claim.send(&mut client, Message::Frame(frame)).await;
+                    claim.send(&mut client, Message::End).await;
+                    claim.settle_later(retry).await;
+                    return;
+                }
+                claim.send(&mut client, Message::Frame(frame)).await;
+            }
+            None => {
+                let retry = claim.finish(&recorder).await;
+                claim.send(&mut client, Message::End).await;
+                claim.settle_later(retry).await;
+                return;
+            }
+            Some(Err(error)) => {
+                let retry = claim.fail().await;
+                claim.send(&mut client, Message::Error(error)).await;
+                claim.settle_later(retry).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The status a response counts as for the storage rule: its `grpc-status`
+/// when it has one (a trailers-only gRPC response), else its HTTP status.
+fn effective_status(status: StatusCode, headers: &HeaderMap) -> StatusCode {
+    headers.get("grpc-status").and_then(|value| value.to_str().ok()?.parse().ok()).map_or(status, grpc_to_http)
+}
+
+/// What to do with the record once the response is finished.
+enum Settlement {
+    Complete(Record),
+    Release,
+}
+
+/// A claim held by a running execution: renews its lease while the inner
+/// service runs, and releases it if dropped unsettled (a panic).
+struct Execution<St: Store> {
+    config: Arc<Config<St>>,
+    id: RecordId,
+    owner: OwnerToken,
+    fingerprint: Fingerprint,
+    settled: bool,
+    renew_at: Instant,
+    renew_until: Instant,
+}
+
+impl<St: Store> Execution<St> {
+    fn new(config: Arc<Config<St>>, id: RecordId, owner: OwnerToken, fingerprint: Fingerprint) -> Self {
+        let now = Instant::now();
+        let renew_at = now + config.lease / 3;
+        // A renewal at `t` holds the key until `t + lease`: stop renewing
+        // where that would pass the ceiling.
+        let renew_until = now + config.lease_ceiling.saturating_sub(config.lease);
+        Self { config, id, owner, fingerprint, settled: false, renew_at, renew_until }
+    }
+
+    /// Runs `future` while renewing the lease.
+    async fn alive<F: Future>(&mut self, future: F) -> F::Output {
+        let mut future = pin!(future);
+        tokio::select! {
+            biased;
+            output = &mut future => output,
+            never = self.keep_alive() => match never {},
+        }
+    }
+
+    async fn keep_alive(&mut self) -> Infallible {
+        let period = self.config.lease / 3;
+        while self.renew_at <= self.renew_until {
+            tokio::time::sleep_until(self.renew_at).await;
+            let config = &self.config;
+            let renewed = config.store.renew(&self.id, self.owner, config.lease);
+            match with_timeout(config.store_timeout, renewed).await {
+                Ok(()) => {}
+                Err(error) => {
+                    config.store_failed(&self.id, "renew", &error);
+                    if matches!(error, StoreError::NotOwner) {
+                        break;
+                    }
+                }
+            }
+            self.renew_at += period;
+        }
+        std::future::pending().await
+    }
+
+    async fn send(&mut self, client: &mut Option<mpsc::Sender<Message>>, message: Message) {
+        if let Some(sender) = client {
+            if self.alive(sender.send(message)).await.is_err() {
+                // The client went away: keep recording without it.
+                *client = None;
+            }
+        }
+    }
+
+    /// Settles a body that ended cleanly: a `grpc-status` in its trailers
+    /// meets the storage rule again, now that it is known.
+    async fn finish(&mut self, recorder: &Recorder) -> Option<Record> {
+        if let Some(status) = recorder.trailer_status() {
+            if !self.config.keeps(recorder.verdict, status) {
+                return self.settle(Settlement::Release).await;
+            }
+        }
+        let record = match recorder.response() {
+            Ok(response) => Record::new(self.fingerprint, response),
+            Err(reason) => Record::not_stored(self.fingerprint, reason),
+        };
+        self.settle(Settlement::Complete(record)).await
+    }
+
+    /// Settles a body that failed midway: the request ran, so its key must
+    /// never run again, but there is no response to replay.
+    async fn fail(&mut self) -> Option<Record> {
+        let record = Record::not_stored(self.fingerprint, NotStored::BodyFailed);
+        self.settle(Settlement::Complete(record)).await
+    }
+
+    async fn release(&mut self) {
+        self.settled = true;
+        let config = &self.config;
+        let released = config.store.release(&self.id, self.owner);
+        if let Err(error) = with_timeout(config.store_timeout, released).await {
+            config.store_failed(&self.id, "release", &error);
+        }
+    }
+
+    /// Completes or releases the claim once. Returns the record when the
+    /// store failed in a way worth retrying after the client has its answer.
+    async fn settle(&mut self, settlement: Settlement) -> Option<Record> {
+        let record = match settlement {
+            Settlement::Release => {
+                self.release().await;
+                return None;
+            }
+            Settlement::Complete(record) => record,
+        };
+        self.settled = true;
+        match self.complete(record.clone()).await {
+            Ok(()) => None,
+            Err(StoreError::Full) => {
+                let marker = Record::not_stored(self.fingerprint, NotStored::StoreFull);
+                if let Err(error) = self.complete(marker).await {
+                    self.config.store_failed(&self.id, "complete", &error);
+                }
+                None
+            }
+            Err(error @ StoreError::NotOwner) => {
+                self.config.store_failed(&self.id, "complete", &error);
+                None
+            }
+            Err(error) => {
+                self.config.store_failed(&self.id, "complete", &error);
+                Some(record)
+            }
+        }
+    }
+
+    /// Retries a failed completion twice more, backing off; the claim's lease
+    /// is the last resort if the store stays down.
+    async fn settle_later(&mut self, record: Option<Record>) {
+        let Some(record) = record else { return };
+        for backoff in [Duration::from_millis(100), Duration::from_millis(500)] {
+            tokio::time::sleep(backoff).await;
+            match self.complete(record.clone()).await {
+                Ok(()) => return,
+                Err(error) => {
+                    self.config.store_failed(&self.id, "complete", &error);
+                    if matches!(error, StoreError::NotOwner) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn complete(&self, record: Record) -> Result<(), StoreError> {
+        let config = &self.config;
+        let completed = config.store.complete(&self.id, self.owner, record, config.retention);
+        with_timeout(config.store_timeout, completed).await
+    }
+}
+
+impl<St: Store> Drop for Execution<St> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Unwinding from a panic in the inner service or its body.
+        tracing::warn!(key = %self.id, "inner service panicked: releasing the idempotency key");
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (config, id, owner) = (self.config.clone(), self.id, self.owner);
+        runtime.spawn(async move {
+            let released = config.store.release(&id, owner);
+            if let Err(error) = with_timeout(config.store_timeout, released).await {
+                config.store_failed(&id, "release", &error);
+            }
+        });
+    }
+}
+
+/// Keeps a copy of the response as it streams, up to the storage cap.
+struct Recorder {
+    status: StatusCode,
+    headers: HeaderMap,
+    verdict: Option<StoreResponse>,
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    too_large: bool,
+    trailers: Option<HeaderMap>,
+    declared_length: Option<u64>,
+    seen: u64,
+}
+
+impl Recorder {
+    fn new(parts: &http::response::Parts, limit: usize, verdict: Option<StoreResponse>) -> Self {
+        let declared_length =
+            parts.headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok());
+        Self {
+            status: parts.status,
+            headers: end_to_end(&parts.headers),
+            verdict,
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            too_large: false,
+            trailers: None,
+            declared_length,
+            seen: 0,
+        }
+    }
+
+    fn push(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+            if self.too_large {
+                return;
+            }
+            self.len += data.len();
+            if self.len > self.limit {
+                self.too_large = true;
+                self.chunks = Vec::new();
+            } else if !data.is_empty() {
+                self.chunks.push(data.clone());
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.trailers = Some(trailers.clone());
+        }
+    }
+
+    /// Whether the body has sent all the bytes its `content-length` declared:
+    /// the client considers the response complete at that point.
+    fn reached_declared_length(&self) -> bool {
+        self.declared_length == Some(self.seen)
+    }
+
+    fn response(&self) -> Result<StoredResponse, NotStored> {
+        if self.too_large {
+            return Err(NotStored::TooLarge);
+        }
+        let body = match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            chunks => {
+                // The one copy of the body into the record.
+                let mut body = BytesMut::with_capacity(self.len);
+                for chunk in chunks {
+                    body.extend_from_slice(chunk);
+                }
+                body.freeze()
+            }
+        };
+        Ok(StoredResponse::new(self.status, self.headers.clone(), body, self.trailers.clone()))
+    }
+
+    /// The `grpc-status` of the trailers, as an HTTP status.
+    fn trailer_status(&self) -> Option<StatusCode> {
+        let trailers = self.trailers.as_ref()?;
+        trailers.get("grpc-status")?;
+        Some(effective_status(StatusCode::OK, trailers))
+    }
+}
+
+/// A copy of `headers` without the hop-by-hop ones, which belong to one
+/// connection and must not be replayed on another.
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    const HOP_BY_HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && !listed.contains(name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
+/// The `Location` for the `Accepted` policy: `{key}` replaced by the key,
+/// percent-encoded but for unreserved characters.
+fn status_location(template: &str, key: &IdempotencyKey) -> Option<HeaderValue> {
+    let mut encoded = String::with_capacity(key.as_str().len());
+    for b in key.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::try_from(template.replace("{key}", &encoded)).ok()
+}
+
+/// Buffers the request body up to `limit` bytes, refusing larger ones before
+/// reading them when their length is declared.
+async fn read_body<B>(body: B, limit: usize) -> Result<(Bytes, Option<HeaderMap>), RejectionKind>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(RejectionKind::BodyTooLarge);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            Ok((collected.to_bytes(), trailers))
+        }
+        Err(error) if error.is::<LengthLimitError>() => Err(RejectionKind::BodyTooLarge),
+        Err(_) => Err(RejectionKind::InvalidBody),
+    }
+}

@@ -1,0 +1,406 @@
+//! Where records live: the [`Store`] trait and the stores this crate ships.
+//!
+//! A store keeps one record per [`RecordId`] and moves it through this life:
+//!
+//! ```text
+//! absent --claim--> in_flight(owner, fencing token, fingerprint, lease)
+//! in_flight --complete(owner)--> completed(record, retention)
+//! in_flight --release(owner)--> absent
+//! in_flight --lease runs out--> absent
+//! completed --retention runs out--> absent
+//! ```
+//!
+//! The trait uses `fn .. -> impl Future + Send` rather than `async_trait`: the
+//! layer is generic over its store, so every call is static and unboxed on
+//! the hot path. A store therefore cannot be a `dyn Store`; wrap several
+//! stores in an enum of your own if you must choose one at run time.
+
+use std::{fmt, future::Future, time::Duration};
+
+use crate::{Fingerprint, Record, RecordId};
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+/// Who holds an in-flight claim. Complete, release and renew act only when
+/// given the current owner.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::store::OwnerToken;
+///
+/// assert_ne!(OwnerToken::from_u128(1), OwnerToken::from_u128(2));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerToken(u128);
+
+impl OwnerToken {
+    /// An owner token from its 128 bits.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::OwnerToken;
+    /// assert_eq!(OwnerToken::from_u128(7).as_u128(), 7);
+    /// ```
+    pub fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token's 128 bits.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::OwnerToken;
+    /// assert_eq!(OwnerToken::from_u128(u128::MAX).as_u128(), u128::MAX);
+    /// ```
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Debug for OwnerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OwnerToken({:032x})", self.0)
+    }
+}
+
+/// A number that grows with every claim of the same record, across releases
+/// and expired leases: pass it to a downstream system so it can refuse a
+/// stale writer.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::FencingToken;
+///
+/// assert!(FencingToken::new(2) > FencingToken::new(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// A fencing token from its value.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::FencingToken;
+    /// assert_eq!(FencingToken::new(3).get(), 3);
+    /// ```
+    pub fn new(value: u64) -> Self {
+        Self(value)
+    }
+
+    /// The token's value.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::FencingToken;
+    /// assert_eq!(FencingToken::new(9).get(), 9);
+    /// ```
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// A claim the store granted.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{FencingToken, store::{Lease, OwnerToken}};
+///
+/// let lease = Lease::new(OwnerToken::from_u128(1), FencingToken::new(1));
+/// assert_eq!(lease.fencing_token(), FencingToken::new(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    owner: OwnerToken,
+    fencing_token: FencingToken,
+}
+
+impl Lease {
+    /// A lease for `owner` with `fencing_token`.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{FencingToken, store::{Lease, OwnerToken}};
+    /// let lease = Lease::new(OwnerToken::from_u128(5), FencingToken::new(2));
+    /// assert_eq!(lease.owner(), OwnerToken::from_u128(5));
+    /// ```
+    pub fn new(owner: OwnerToken, fencing_token: FencingToken) -> Self {
+        Self { owner, fencing_token }
+    }
+
+    /// The owner token to pass to complete, release and renew.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{FencingToken, store::{Lease, OwnerToken}};
+    /// # let lease = Lease::new(OwnerToken::from_u128(5), FencingToken::new(2));
+    /// let _ = lease.owner();
+    /// ```
+    pub fn owner(&self) -> OwnerToken {
+        self.owner
+    }
+
+    /// The claim's fencing token.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{FencingToken, store::{Lease, OwnerToken}};
+    /// # let lease = Lease::new(OwnerToken::from_u128(5), FencingToken::new(2));
+    /// assert_eq!(lease.fencing_token().get(), 2);
+    /// ```
+    pub fn fencing_token(&self) -> FencingToken {
+        self.fencing_token
+    }
+}
+
+/// What one claim asks of the store.
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+///
+/// let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(30));
+/// assert!(!request.replace_completed());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest {
+    id: RecordId,
+    fingerprint: Fingerprint,
+    lease: Duration,
+    replace_completed: bool,
+}
+
+impl ClaimRequest {
+    /// A claim of `id` by a request with `fingerprint`, for `lease`.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// assert_eq!(request.lease(), Duration::from_secs(1));
+    /// ```
+    pub fn new(id: RecordId, fingerprint: Fingerprint, lease: Duration) -> Self {
+        Self { id, fingerprint, lease, replace_completed: false }
+    }
+
+    /// Lets the claim take over a completed record (the `Rerun` strategy).
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1))
+    ///     .with_replace_completed(true);
+    /// assert!(request.replace_completed());
+    /// ```
+    #[must_use]
+    pub fn with_replace_completed(mut self, replace: bool) -> Self {
+        self.replace_completed = replace;
+        self
+    }
+
+    /// The record claimed.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// assert_eq!(request.id(), RecordId::from_bytes([0; 32]));
+    /// ```
+    pub fn id(&self) -> RecordId {
+        self.id
+    }
+
+    /// The claiming request's fingerprint, kept while in flight.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// assert_eq!(request.fingerprint(), Fingerprint::from_bytes([1; 32]));
+    /// ```
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// How long the claim lives without renewal.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(4));
+    /// assert_eq!(request.lease().as_secs(), 4);
+    /// ```
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Whether a completed record may be taken over.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(4));
+    /// assert!(!request.replace_completed());
+    /// ```
+    pub fn replace_completed(&self) -> bool {
+        self.replace_completed
+    }
+}
+
+/// The answer to a claim, in one store round trip.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{Fingerprint, store::Claim};
+///
+/// let claim = Claim::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]) };
+/// assert!(matches!(claim, Claim::InFlight { .. }));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The record was absent (or taken over): the caller now owns it.
+    Acquired(Lease),
+    /// Another request holds the record.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+    },
+    /// The record is finished.
+    Completed(Record),
+}
+
+/// The state of a record, as [`Store::lookup`] sees it.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{FencingToken, Fingerprint, store::RecordState};
+///
+/// let state = RecordState::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), fencing_token: FencingToken::new(1) };
+/// assert!(matches!(state, RecordState::InFlight { .. }));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// A request holds the record.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+        /// The holder's fencing token.
+        fencing_token: FencingToken,
+    },
+    /// The record is finished.
+    Completed(Record),
+}
+
+/// A store call failed.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::store::StoreError;
+///
+/// let error = StoreError::unavailable("connection refused");
+/// assert!(error.to_string().contains("connection refused"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The caller no longer owns the record: its lease ran out and another
+    /// request claimed it, or it was completed or released already.
+    #[error("not the current owner of the record")]
+    NotOwner,
+    /// The store is full and refuses to grow.
+    #[error("the store is full")]
+    Full,
+    /// The store did not answer within its timeout.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store could not be reached or failed.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// The store held bytes that are not a record.
+    #[error("the store holds a corrupt record: {0}")]
+    Corrupt(#[from] crate::record::DecodeError),
+}
+
+impl StoreError {
+    /// An [`StoreError::Unavailable`] from any error.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::StoreError;
+    /// let e = StoreError::unavailable(std::io::Error::other("down"));
+    /// assert!(matches!(e, StoreError::Unavailable(_)));
+    /// ```
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(error.into())
+    }
+}
+
+/// A place to keep records: in memory, in Redis, or anywhere that can claim a
+/// key atomically.
+///
+/// Every method acts on one record in one round trip. `complete`, `release`
+/// and `renew` act only for the current owner and return
+/// [`StoreError::NotOwner`] otherwise, changing nothing.
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{Fingerprint, RecordId, store::{Claim, ClaimRequest, MemoryStore, Store}};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store = MemoryStore::new();
+/// let request = ClaimRequest::new(RecordId::from_bytes([1; 32]), Fingerprint::from_bytes([2; 32]), Duration::from_secs(30));
+/// let Claim::Acquired(lease) = store.claim(request).await.unwrap() else { panic!() };
+/// assert!(matches!(store.claim(request).await.unwrap(), Claim::InFlight { .. }));
+/// store.release(&request.id(), lease.owner()).await.unwrap();
+/// # });
+/// ```
+pub trait Store: Send + Sync + 'static {
+    /// Claims a record atomically: acquires it when absent (or completed and
+    /// `replace_completed` is set), otherwise reports who holds it.
+    fn claim(&self, request: ClaimRequest) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Stores `record` as the record's outcome, kept for `retention`.
+    fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: Record,
+        retention: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Gives the claim up: the record becomes absent.
+    fn release(&self, id: &RecordId, owner: OwnerToken) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extends the claim to `lease` from now.
+    fn renew(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the record's state without changing it.
+    fn lookup(&self, id: &RecordId) -> impl Future<Output = Result<Option<RecordState>, StoreError>> + Send;
+
+    /// Returns when the record may have left the in-flight state, or after
+    /// `timeout`. The caller then claims again to learn what happened.
+    ///
+    /// The default polls no more often than every 50 ms; stores that can
+    /// signal completion should override it.
+    fn wait(&self, id: &RecordId, timeout: Duration) -> impl Future<Output = ()> + Send {
+        let _ = id;
+        tokio::time::sleep(timeout.min(Duration::from_millis(50)))
+    }
+}
