@@ -16,15 +16,15 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use tokio::sync::Semaphore;
-use tower::{Layer, ServiceExt, util::BoxCloneService};
-use tower_idempotency::{BoxError, IdempotencyLayer, RequestBody, ResponseBody, Store};
+use tower::{Layer, ServiceExt, util::BoxCloneSyncService};
+use tower_idempotency::{IdempotencyLayer, RequestBody, ResponseBody, Store};
 
 /// The body test handlers answer with.
-pub type TestBody = BoxBody<Bytes, BoxError>;
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
 /// A request as the handler sees it.
 pub type HandlerRequest = Request<RequestBody<Full<Bytes>>>;
 /// A layered test service.
-pub type App = BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<TestBody>>, Infallible>;
+pub type App = BoxCloneSyncService<Request<Full<Bytes>>, Response<ResponseBody<TestBody>>, Infallible>;
 
 pub fn full(data: impl Into<Bytes>) -> TestBody {
     Full::new(data.into()).map_err(|never| match never {}).boxed()
@@ -48,7 +48,7 @@ where
         let handler = handler.clone();
         async move { Ok::<_, Infallible>(handler(request).await) }
     });
-    BoxCloneService::new(layer.layer(inner))
+    BoxCloneSyncService::new(layer.layer(inner))
 }
 
 /// A handler that counts its calls and answers 201 with a body naming the
@@ -119,6 +119,7 @@ pub fn post(key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
     builder.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
 }
 
+#[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
