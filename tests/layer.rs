@@ -47,8 +47,8 @@ async fn required_key_missing_is_400() {
 
 #[tokio::test]
 async fn key_required_by_predicate_only_where_it_says() {
-    let layer =
-        IdempotencyLayer::memory().with_key_required_if(|parts: &http::request::Parts| parts.uri.path() == "/v1/charges");
+    let layer = IdempotencyLayer::memory()
+        .with_key_required_if(|parts: &http::request::Parts| parts.uri.path() == "/v1/charges");
     let (app, calls) = counting(&layer);
     assert_eq!(send(&app, post(None, "a=1")).await.status, 400);
     let elsewhere = Request::post("/v1/refunds").body(Full::default()).unwrap();
@@ -148,7 +148,8 @@ async fn multi_chunk_bodies_and_trailers_replay_identically() {
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", "0".parse().unwrap());
             trailers.insert("x-checksum", "abc".parse().unwrap());
-            let mut response = Response::new(streaming_body(&["part one, ", "part two, ", "part three"], Some(trailers)));
+            let mut response =
+                Response::new(streaming_body(&["part one, ", "part two, ", "part three"], Some(trailers)));
             response.headers_mut().append("set-cookie", "a=1".parse().unwrap());
             response.headers_mut().append("set-cookie", "b=2".parse().unwrap());
             response
@@ -645,8 +646,10 @@ async fn failing_request_body_is_400() {
     let service = tower::Layer::layer(&layer, inner);
     let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
         vec![Ok(Frame::data(Bytes::from("12"))), Err(std::io::Error::other("connection reset"))];
-    let request =
-        Request::post("/").header("idempotency-key", "k").body(BodyExt::boxed(StreamBody::new(stream::iter(frames)))).unwrap();
+    let request = Request::post("/")
+        .header("idempotency-key", "k")
+        .body(BodyExt::boxed(StreamBody::new(stream::iter(frames))))
+        .unwrap();
     let answer = read(service.oneshot(request).await.unwrap()).await;
     assert_eq!((answer.status.as_u16(), answer.problem().as_str()), (400, "invalid-body"));
     assert_eq!(calls.get(), 0);
@@ -676,11 +679,14 @@ async fn a_response_body_that_fails_midway_is_never_rerun() {
     let app = app(&layer, move |_| {
         counter.bump();
         async {
-            let frames = stream::iter(vec![Ok(Frame::data(Bytes::from("partial"))), Err(std::io::Error::other("upstream reset"))])
-                .then(|frame: Result<Frame<Bytes>, std::io::Error>| async move {
-                    tokio::task::yield_now().await;
-                    frame
-                });
+            let frames = stream::iter(vec![
+                Ok(Frame::data(Bytes::from("partial"))),
+                Err(std::io::Error::other("upstream reset")),
+            ])
+            .then(|frame: Result<Frame<Bytes>, std::io::Error>| async move {
+                tokio::task::yield_now().await;
+                frame
+            });
             Response::new(BodyExt::boxed(StreamBody::new(frames)))
         }
     });
@@ -814,7 +820,13 @@ impl Store for BrokenStore {
     async fn claim(&self, _: ClaimRequest) -> Result<Claim, StoreError> {
         self.fail().await
     }
-    async fn complete(&self, _: &RecordId, _: OwnerToken, _: tower_idempotency::Record, _: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        _: &RecordId,
+        _: OwnerToken,
+        _: tower_idempotency::Record,
+        _: Duration,
+    ) -> Result<(), StoreError> {
         self.fail().await
     }
     async fn release(&self, _: &RecordId, _: OwnerToken) -> Result<(), StoreError> {
