@@ -115,3 +115,8 @@ pub use record::{DecodeError, NotStored, Record, StoredResponse};
 pub use response::{DefaultResponder, Rejection, RejectionKind, Responder};
 pub use service::{Idempotency, REPLAYED_HEADER};
 pub use store::{FencingToken, Store};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -165,7 +165,7 @@ pub struct Record {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Outcome {
-    Response(StoredResponse),
+    Response(Box<StoredResponse>),
     NotStored(NotStored),
 }
 
@@ -201,7 +201,7 @@ impl Record {
     /// assert!(Record::new(Fingerprint::from_bytes([0; 32]), response).response().is_some());
     /// ```
     pub fn new(fingerprint: Fingerprint, response: StoredResponse) -> Self {
-        Self { fingerprint, outcome: Outcome::Response(response) }
+        Self { fingerprint, outcome: Outcome::Response(Box::new(response)) }
     }
 
     /// A record of a request that ran but whose response was not kept.
@@ -268,7 +268,7 @@ impl Record {
     /// ```
     pub fn into_response(self) -> Result<StoredResponse, NotStored> {
         match self.outcome {
-            Outcome::Response(response) => Ok(response),
+            Outcome::Response(response) => Ok(*response),
             Outcome::NotStored(reason) => Err(reason),
         }
     }
@@ -366,7 +366,7 @@ impl Record {
                 };
                 let len = input.len()?;
                 let body = input.take(len)?;
-                Outcome::Response(StoredResponse { status, headers, body, trailers })
+                Outcome::Response(Box::new(StoredResponse { status, headers, body, trailers }))
             }
             _ => return Err(DecodeError::Malformed("unknown record kind")),
         };
