@@ -35,6 +35,9 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// Frames buffered between the recording task and a slow client.
 const STREAM_BUFFER: usize = 4;
+/// How much of a body that is ready at once is gathered before the head is
+/// sent; past this the body streams, however fast it comes.
+const EAGER_LIMIT: usize = 64 * 1024;
 
 /// The service [`crate::IdempotencyLayer`] wraps around an inner service.
 ///
@@ -390,7 +393,8 @@ async fn execute_detached<S, St, B, ResB>(
     // Take what the body has ready without waiting: a body that is complete
     // at once is stored before the client sees it, and sent in one piece.
     let mut early = VecDeque::new();
-    loop {
+    let mut early_len = 0;
+    while early_len <= EAGER_LIMIT {
         let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> =
             poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))).await;
         match polled {
@@ -398,7 +402,10 @@ async fn execute_detached<S, St, B, ResB>(
             Poll::Ready(Some(Ok(frame))) => {
                 recorder.push(&frame);
                 match frame.into_data() {
-                    Ok(data) => early.push_back(data),
+                    Ok(data) => {
+                        early_len += data.len();
+                        early.push_back(data);
+                    }
                     Err(_) => break,
                 }
             }
@@ -631,8 +638,9 @@ impl<St: Store> Drop for Execution<St> {
         if self.settled {
             return;
         }
-        // Unwinding from a panic in the inner service or its body.
-        tracing::warn!(key = %self.id, "inner service panicked: releasing the idempotency key");
+        // Unwinding from a panic in the inner service or its body, or the
+        // runtime shutting down under the task.
+        tracing::warn!(key = %self.id, "execution ended before its response: releasing the idempotency key");
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (config, id, owner) = (self.config.clone(), self.id, self.owner);
         runtime.spawn(async move {
@@ -660,8 +668,13 @@ struct Recorder {
 
 impl Recorder {
     fn new(parts: &http::response::Parts, limit: usize, verdict: Option<StoreResponse>) -> Self {
-        let declared_length =
-            parts.headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok());
+        // A body that may still send trailers is not over at its last byte.
+        let may_have_trailers = parts.headers.contains_key(header::TRAILER) || is_grpc(&parts.headers);
+        let declared_length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .filter(|_| !may_have_trailers)
+            .and_then(|value| value.to_str().ok()?.parse().ok());
         Self {
             status: parts.status,
             headers: end_to_end(&parts.headers),

@@ -899,3 +899,92 @@ async fn grpc_requests_get_grpc_statuses_not_problem_json() {
     assert!(invalid.body.is_empty(), "trailers-only");
     assert_eq!(calls.get(), 0);
 }
+
+// ---- leases ------------------------------------------------------------------------
+
+/// A handler that takes `first_takes` on its first call and answers at once
+/// after that.
+fn slow_first(layer: &IdempotencyLayer, first_takes: Duration) -> (App, Calls) {
+    let calls = Calls::default();
+    let counter = calls.clone();
+    let app = app(layer, move |_| {
+        let n = counter.bump();
+        async move {
+            if n == 1 {
+                tokio::time::sleep(first_takes).await;
+            }
+            respond(201, format!("call {n}"))
+        }
+    });
+    (app, calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_is_renewed_while_the_handler_runs() {
+    let layer = IdempotencyLayer::memory().with_lease(Duration::from_secs(3)).unwrap();
+    let (app, calls) = slow_first(&layer, Duration::from_secs(10));
+    let first = tokio::spawn(send_owned(app.clone(), post(KEY, "a")));
+    // Well past one lease: only renewals keep the claim alive.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 409);
+    assert_eq!(first.await.unwrap().body, "call 1");
+    assert!(send(&app, post(KEY, "a")).await.replayed());
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_stops_at_the_lease_ceiling() {
+    let layer = IdempotencyLayer::memory()
+        .with_lease(Duration::from_secs(3))
+        .unwrap()
+        .with_lease_ceiling(Duration::from_secs(6))
+        .unwrap();
+    let (app, calls) = slow_first(&layer, Duration::from_secs(60));
+    let first = tokio::spawn(send_owned(app.clone(), post(KEY, "a")));
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let second = send(&app, post(KEY, "a")).await;
+    assert_eq!((second.status.as_u16(), &second.body[..]), (201, &b"call 2"[..]), "the stuck claim expired");
+    assert_eq!(first.await.unwrap().body, "call 1", "the late first answer still reaches its client");
+    assert_eq!(calls.get(), 2);
+}
+
+// ---- large bodies and full stores ---------------------------------------------------
+
+#[tokio::test]
+async fn a_large_body_that_is_ready_at_once_still_streams_and_replays_whole() {
+    let layer = IdempotencyLayer::memory();
+    let (app, calls) = {
+        let calls = Calls::default();
+        let counter = calls.clone();
+        let app = app(&layer, move |_| {
+            counter.bump();
+            async {
+                // 200 chunks of 1 KiB, never pending: more than is gathered
+                // before the head goes out.
+                let frames = (0..200u8).map(|i| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![i; 1024]))));
+                Response::new(BodyExt::boxed(StreamBody::new(stream::iter(frames))))
+            }
+        });
+        (app, calls)
+    };
+    let first = send(&app, post(KEY, "a")).await;
+    let replay = send(&app, post(KEY, "a")).await;
+    assert_eq!(first.body.len(), 200 * 1024);
+    assert_eq!((&replay.body, replay.replayed()), (&first.body, true));
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn a_response_too_big_for_a_full_store_is_never_rerun() {
+    let layer = IdempotencyLayer::new(MemoryStore::with_limits(10, 2_000));
+    let calls = Calls::default();
+    let counter = calls.clone();
+    let app = app(&layer, move |_| {
+        counter.bump();
+        async { respond(201, vec![b'x'; 5_000]) }
+    });
+    assert_eq!(send(&app, post(KEY, "a")).await.body.len(), 5_000);
+    let duplicate = send(&app, post(KEY, "a")).await;
+    assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (410, "response-not-stored"));
+    assert_eq!(calls.get(), 1);
+}

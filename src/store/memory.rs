@@ -20,6 +20,10 @@ const SHARDS: usize = 64;
 /// Bytes counted for an entry besides its record: the id, the entry and its
 /// expiry slot.
 const ENTRY_OVERHEAD: usize = 160;
+/// Bytes counted for an in-flight entry: enough that completing it with a
+/// "not stored" record never needs more room, so that completion cannot be
+/// refused by a full store.
+const IN_FLIGHT_SIZE: usize = ENTRY_OVERHEAD + 64;
 /// Expired entries removed per call, so no call pays for a large backlog.
 const PURGE_PER_CALL: usize = 32;
 
@@ -211,7 +215,7 @@ impl Inner {
             .entries
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_entries).then_some(n + 1))
             .is_ok();
-        if reserved && !self.reserve_bytes(ENTRY_OVERHEAD) {
+        if reserved && !self.reserve_bytes(IN_FLIGHT_SIZE) {
             self.entries.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
@@ -261,8 +265,12 @@ impl Inner {
                 State::Completed(record) if !request.replace_completed() => Some(Ok(Claim::Completed(record.clone()))),
                 State::Completed(_) => {
                     let lease = self.new_lease();
-                    self.bytes.fetch_sub(entry.size - ENTRY_OVERHEAD, Ordering::Relaxed);
-                    entry.size = ENTRY_OVERHEAD;
+                    if entry.size > IN_FLIGHT_SIZE {
+                        self.bytes.fetch_sub(entry.size - IN_FLIGHT_SIZE, Ordering::Relaxed);
+                    } else {
+                        self.bytes.fetch_add(IN_FLIGHT_SIZE - entry.size, Ordering::Relaxed);
+                    }
+                    entry.size = IN_FLIGHT_SIZE;
                     entry.state = in_flight(lease);
                     entry.expires_at = now + request.lease();
                     shard.expiries.push(Reverse((entry.expires_at, id)));
@@ -280,7 +288,7 @@ impl Inner {
                 let expires_at = now + request.lease();
                 shard
                     .map
-                    .insert(id, Entry { state: in_flight(lease), expires_at, size: ENTRY_OVERHEAD, waiters: None });
+                    .insert(id, Entry { state: in_flight(lease), expires_at, size: IN_FLIGHT_SIZE, waiters: None });
                 shard.expiries.push(Reverse((expires_at, id)));
                 Some(Ok(Claim::Acquired(lease)))
             }
@@ -402,11 +410,14 @@ mod tests {
 
     #[tokio::test]
     async fn byte_limit_refuses_a_record_that_does_not_fit() {
-        let store = MemoryStore::with_limits(10, ENTRY_OVERHEAD * 2 + 1000);
+        let store = MemoryStore::with_limits(10, IN_FLIGHT_SIZE + 1000);
         let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
         let id = request(1).id();
         let huge = store.complete(&id, lease.owner(), record(4000), Duration::from_secs(60)).await;
         assert!(matches!(huge, Err(StoreError::Full)));
+        // A "not stored" marker always fits in the room the claim took.
+        let marker = Record::not_stored(Fingerprint::from_bytes([0; 32]), crate::NotStored::StoreFull);
+        assert!(ENTRY_OVERHEAD + marker.encoded_len() <= IN_FLIGHT_SIZE);
         store.complete(&id, lease.owner(), record(500), Duration::from_secs(60)).await.unwrap();
         assert_eq!(store.bytes(), ENTRY_OVERHEAD + record(500).encoded_len());
     }
@@ -418,6 +429,6 @@ mod tests {
         assert!(matches!(store.claim(request(2)).await, Err(StoreError::Full)));
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
-        assert_eq!((store.len(), store.bytes()), (1, ENTRY_OVERHEAD));
+        assert_eq!((store.len(), store.bytes()), (1, IN_FLIGHT_SIZE));
     }
 }
