@@ -5,3 +5,19 @@ mod common;
 mod memory {
     crate::conformance_tests!(async { (tower_idempotency::store::MemoryStore::new(), ()) });
 }
+
+#[cfg(feature = "redis")]
+mod redis {
+    use crate::common::redis::shared_server;
+    use tower_idempotency::store::redis::RedisStore;
+
+    crate::conformance_tests!(async { (RedisStore::new(shared_server().pool()), ()) });
+}
+
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    use crate::common::redis::RedisCluster;
+    use tower_idempotency::store::redis::RedisStore;
+
+    crate::conformance_tests!(async { (RedisStore::new(RedisCluster::shared().pool()), ()) });
+}

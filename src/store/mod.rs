@@ -20,6 +20,8 @@ use std::{fmt, future::Future, time::Duration};
 use crate::{Fingerprint, Record, RecordId};
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use memory::MemoryStore;
 

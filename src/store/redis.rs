@@ -1,0 +1,719 @@
+//! Redis and Redis Cluster stores, on [`deadpool_redis`].
+//!
+//! Each record is one Redis string under a name derived from its
+//! [`RecordId`]: `{prefix}{tag}:{64 hex digits}`. The value is either an
+//! in-flight claim (`F`, the 16-byte owner, the 32-byte fingerprint, the
+//! fencing token in decimal) or the completed [`Record`]'s compact encoding,
+//! body as raw bytes. Claim, complete, release and renew are each one Lua
+//! script, sent with `EVALSHA` (and `EVAL` when a server's script cache was
+//! flushed), that checks the owner before it changes anything. Leases and
+//! retention are Redis TTLs: a dead process's claim frees itself with no
+//! sweeper.
+//!
+//! Fencing tokens come from one `INCR` counter per hash slot,
+//! `{prefix}{tag}:fence`, so they grow with every claim of a record across
+//! releases and expired leases while costing nothing per record. The `{tag}`
+//! hashtag puts a record, its counter and its waiter list in one slot, so
+//! every script works unchanged on Redis Cluster. (A Redis that loses its
+//! data restarts the counters: keep persistence on if you rely on fencing
+//! tokens across a data loss.)
+//!
+//! Round trips: a first execution costs two (claim, complete) when it ends
+//! within a third of its lease, a replay one, an in-flight duplicate one.
+//! With [`RedisStore::with_replicas`], claims and completions also wait for
+//! replicas (`WAIT`): in the same round trip on a single Redis, in one more
+//! on a cluster.
+//!
+//! `Wait` duplicates block on a short per-record list (`BLPOP`, at most
+//! 200 ms a call, under the client's 500 ms response timeout) that a
+//! completion or release fills only when waiters registered; several waiters
+//! of one record in one process share one such call.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use redis::{Cmd, ErrorKind, RedisError, Value, aio::ConnectionLike};
+use tokio::sync::watch;
+
+use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
+use crate::{FencingToken, Fingerprint, IdempotencyLayer, Record, RecordId};
+
+pub use deadpool_redis;
+
+const IN_FLIGHT: u8 = b'F';
+/// The longest a waiter blocks in one `BLPOP`, below the connection's
+/// 500 ms response timeout.
+const BLOCK: Duration = Duration::from_millis(200);
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for deadpool_redis::Pool {}
+    impl Sealed for deadpool_redis::cluster::Pool {}
+}
+
+/// A deadpool-redis pool the Redis store can run on: a single Redis
+/// ([`deadpool_redis::Pool`]) or a Redis Cluster
+/// ([`deadpool_redis::cluster::Pool`]).
+///
+/// # Example
+/// ```
+/// use tower_idempotency::store::redis::{RedisPool, deadpool_redis};
+///
+/// fn takes_any_pool<P: RedisPool>(_: P) {}
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+///     .unwrap();
+/// takes_any_pool(pool);
+/// ```
+pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
+    #[doc(hidden)]
+    type Connection: ConnectionLike + Send;
+
+    #[doc(hidden)]
+    fn connection(&self) -> impl Future<Output = Result<Self::Connection, StoreError>> + Send;
+
+    /// Waits for `replicas` to acknowledge the writes made so far on the
+    /// primary that holds `key`.
+    #[doc(hidden)]
+    fn wait_replicas(
+        connection: &mut Self::Connection,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<i64, RedisError>> + Send;
+
+    #[doc(hidden)]
+    const CLUSTER: bool;
+}
+
+impl RedisPool for deadpool_redis::Pool {
+    type Connection = deadpool_redis::Connection;
+    const CLUSTER: bool = false;
+
+    async fn connection(&self) -> Result<Self::Connection, StoreError> {
+        self.get().await.map_err(StoreError::unavailable)
+    }
+
+    async fn wait_replicas(
+        connection: &mut Self::Connection,
+        _key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<i64, RedisError> {
+        wait_cmd(replicas, timeout).query_async(connection).await
+    }
+}
+
+impl RedisPool for deadpool_redis::cluster::Pool {
+    type Connection = deadpool_redis::cluster::Connection;
+    const CLUSTER: bool = true;
+
+    async fn connection(&self) -> Result<Self::Connection, StoreError> {
+        self.get().await.map_err(StoreError::unavailable)
+    }
+
+    async fn wait_replicas(
+        connection: &mut Self::Connection,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<i64, RedisError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let route = Route::new(slot_of(key.as_bytes()), SlotAddr::Master);
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        let value = connection.route_command(wait_cmd(replicas, timeout), routing).await?;
+        redis::from_redis_value(value).map_err(RedisError::from)
+    }
+}
+
+fn wait_cmd(replicas: u32, timeout: Duration) -> Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(replicas).arg(timeout.as_millis().max(1) as u64);
+    cmd
+}
+
+/// A store on Redis: one Redis through [`deadpool_redis::Pool`], or a Redis
+/// Cluster through [`deadpool_redis::cluster::Pool`] ([`RedisClusterStore`]).
+///
+/// Several application instances sharing one Redis replay each other's
+/// records; records survive application restarts. See the [module
+/// documentation](self) for the key layout and round trips.
+///
+/// # Example
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, store::redis::{RedisStore, deadpool_redis}};
+///
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+///     .unwrap();
+/// let store = RedisStore::new(pool).with_prefix("shop:idem:");
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer);
+/// ```
+pub struct RedisStore<P = deadpool_redis::Pool> {
+    pool: P,
+    inner: Arc<Inner>,
+}
+
+/// A [`RedisStore`] on a Redis Cluster.
+pub type RedisClusterStore = RedisStore<deadpool_redis::cluster::Pool>;
+
+struct Inner {
+    prefix: String,
+    replicas: Option<(u32, Duration)>,
+    /// Makes owner tokens unique to this store instance even if a Redis that
+    /// lost its data hands out a fencing token again.
+    nonce: u64,
+    /// One blocking wait per record in this process; others watch it.
+    waits: Mutex<HashMap<RecordId, watch::Receiver<()>>>,
+}
+
+impl<P: Clone> Clone for RedisStore<P> {
+    fn clone(&self) -> Self {
+        Self { pool: self.pool.clone(), inner: self.inner.clone() }
+    }
+}
+
+impl<P> fmt::Debug for RedisStore<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("replicas", &self.inner.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: RedisPool> RedisStore<P> {
+    /// A store on `pool`, with key prefix `idem:`.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let store = RedisStore::new(pool);
+    /// # drop(store);
+    /// ```
+    pub fn new(pool: P) -> Self {
+        let nonce = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        Self {
+            pool,
+            inner: Arc::new(Inner { prefix: "idem:".to_owned(), replicas: None, nonce, waits: Mutex::default() }),
+        }
+    }
+
+    fn update(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => f(inner),
+            None => {
+                let mut inner = Inner {
+                    prefix: self.inner.prefix.clone(),
+                    replicas: self.inner.replicas,
+                    nonce: self.inner.nonce,
+                    waits: Mutex::default(),
+                };
+                f(&mut inner);
+                self.inner = Arc::new(inner);
+            }
+        }
+        self
+    }
+
+    /// The prefix of every Redis key the store writes (default `idem:`).
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool).with_prefix("payments:idem:");
+    /// # drop(store);
+    /// ```
+    pub fn with_prefix(self, prefix: &str) -> Self {
+        let prefix = prefix.to_owned();
+        self.update(|inner| inner.prefix = prefix)
+    }
+
+    /// After each claim and each completion, wait up to `timeout` for
+    /// `replicas` replicas to acknowledge it (`WAIT`). When fewer do, the
+    /// call fails, and the layer takes its store-failure path: a claim is
+    /// given up again first, so nothing runs on a claim a failover could
+    /// lose.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool).with_replicas(1, Duration::from_millis(100));
+    /// # drop(store);
+    /// ```
+    pub fn with_replicas(self, replicas: u32, timeout: Duration) -> Self {
+        self.update(|inner| inner.replicas = (replicas > 0).then_some((replicas, timeout)))
+    }
+
+    /// The pool the store runs on.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool);
+    /// assert_eq!(store.pool().status().size, 0);
+    /// ```
+    pub fn pool(&self) -> &P {
+        &self.pool
+    }
+
+    /// The Redis key that holds the record `id`.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{RecordId, store::redis::{RedisStore, deadpool_redis}};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool);
+    /// let key = store.record_key(&RecordId::from_bytes([0xab; 32]));
+    /// assert!(key.starts_with("idem:{") && key.ends_with(&"ab".repeat(32)));
+    /// ```
+    pub fn record_key(&self, id: &RecordId) -> String {
+        format!("{}{{{}}}:{}", self.inner.prefix, tag(id), id.to_hex())
+    }
+
+    fn keys(&self, id: &RecordId) -> Keys {
+        let record = self.record_key(id);
+        let tagged = format!("{}{{{}}}:", self.inner.prefix, tag(id));
+        Keys { fence: format!("{tagged}fence"), waiters: format!("{record}:w"), queue: format!("{record}:q"), record }
+    }
+
+    fn owner(&self, fencing: u64) -> OwnerToken {
+        OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(fencing))
+    }
+
+    async fn run(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<(Value, P::Connection), StoreError> {
+        let mut connection = self.pool.connection().await?;
+        let value = script.run(&mut connection, keys, args).await.map_err(StoreError::unavailable)?;
+        Ok((value, connection))
+    }
+
+    async fn replicate(&self, connection: &mut P::Connection, key: &str) -> Result<(), StoreError> {
+        let Some((replicas, timeout)) = self.inner.replicas else { return Ok(()) };
+        let acknowledged =
+            P::wait_replicas(connection, key, replicas, timeout).await.map_err(StoreError::unavailable)?;
+        if acknowledged < i64::from(replicas) {
+            return Err(StoreError::unavailable(format!(
+                "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs an owner-checked script; 1 means done, 0 not the owner.
+    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<P::Connection, StoreError> {
+        let (value, connection) = self.run(script, keys, args).await?;
+        match value {
+            Value::Int(1) => Ok(connection),
+            Value::Int(0) => Err(StoreError::NotOwner),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+struct Keys {
+    record: String,
+    fence: String,
+    waiters: String,
+    queue: String,
+}
+
+fn unexpected(value: &Value) -> StoreError {
+    StoreError::unavailable(format!("unexpected reply from Redis: {value:?}"))
+}
+
+fn owner_bytes(owner: OwnerToken) -> [u8; 16] {
+    owner.as_u128().to_be_bytes()
+}
+
+fn millis(duration: Duration) -> Vec<u8> {
+    duration.as_millis().clamp(1, u128::from(u64::MAX)).to_string().into_bytes()
+}
+
+/// Parses an in-flight value: `F`, owner (16), fingerprint (32), token.
+fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreError> {
+    let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
+    if value.len() < 50 || value[0] != IN_FLIGHT {
+        return Err(corrupt());
+    }
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(&value[17..49]);
+    let token = std::str::from_utf8(&value[49..]).ok().and_then(|t| t.parse().ok()).ok_or_else(corrupt)?;
+    Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(token)))
+}
+
+impl<P: RedisPool> Store for RedisStore<P> {
+    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+        let keys = self.keys(&request.id());
+        let owner_prefix = self.inner.nonce.to_be_bytes();
+        let replace = if request.replace_completed() { &b"1"[..] } else { &b"0"[..] };
+        let lease = millis(request.lease());
+        let fingerprint = request.fingerprint();
+        let args: [&[u8]; 4] = [&owner_prefix, fingerprint.as_bytes(), &lease, replace];
+        let (value, mut connection) = self.run(&CLAIM, &[&keys.record, &keys.fence, &keys.queue], &args).await?;
+        let Value::Array(reply) = value else { return Err(unexpected(&value)) };
+        match reply.as_slice() {
+            [Value::Int(0), Value::Int(token)] => {
+                let token = u64::try_from(*token).map_err(|_| unexpected(&reply[1]))?;
+                let lease = Lease::new(self.owner(token), FencingToken::new(token));
+                if let Err(error) = self.replicate(&mut connection, &keys.record).await {
+                    // Not durable enough to run on: give the claim back.
+                    let _ = self.release(&request.id(), lease.owner()).await;
+                    return Err(error);
+                }
+                Ok(Claim::Acquired(lease))
+            }
+            [Value::Int(1), Value::BulkString(fingerprint)] => {
+                let fingerprint: [u8; 32] = fingerprint.as_slice().try_into().map_err(|_| unexpected(&reply[1]))?;
+                Ok(Claim::InFlight { fingerprint: Fingerprint::from_bytes(fingerprint) })
+            }
+            [Value::Int(2), Value::BulkString(record)] => {
+                Ok(Claim::Completed(Record::decode(Bytes::from(record.clone()))?))
+            }
+            _ => Err(unexpected(&Value::Array(reply))),
+        }
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: Record,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let keys = self.keys(id);
+        let encoded = record.encode();
+        let owner = owner_bytes(owner);
+        let retention = millis(retention);
+        let args: [&[u8]; 3] = [&owner, &encoded, &retention];
+        let mut connection = self.owned(&COMPLETE, &[&keys.record, &keys.waiters, &keys.queue], &args).await?;
+        self.replicate(&mut connection, &keys.record).await
+    }
+
+    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        let keys = self.keys(id);
+        let owner = owner_bytes(owner);
+        self.owned(&RELEASE, &[&keys.record, &keys.waiters, &keys.queue], &[&owner]).await.map(drop)
+    }
+
+    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        let keys = self.keys(id);
+        let owner = owner_bytes(owner);
+        self.owned(&RENEW, &[&keys.record], &[&owner, &millis(lease)]).await.map(drop)
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        let key = self.record_key(id);
+        let mut connection = self.pool.connection().await?;
+        let value: Option<Vec<u8>> =
+            redis::cmd("GET").arg(&key).query_async(&mut connection).await.map_err(StoreError::unavailable)?;
+        let Some(value) = value else { return Ok(None) };
+        if value.first() == Some(&IN_FLIGHT) {
+            let (fingerprint, fencing_token) = parse_in_flight(&value)?;
+            return Ok(Some(RecordState::InFlight { fingerprint, fencing_token }));
+        }
+        Ok(Some(RecordState::Completed(Record::decode(Bytes::from(value))?)))
+    }
+
+    async fn wait(&self, id: &RecordId, timeout: Duration) {
+        // Join the blocking wait another request of this process already
+        // runs for the record, or start one.
+        let (mut woken, leader) = {
+            let mut waits = self.inner.waits.lock().unwrap_or_else(|poison| poison.into_inner());
+            match waits.get(id) {
+                Some(receiver) if receiver.has_changed().is_ok() => (receiver.clone(), None),
+                _ => {
+                    let (sender, receiver) = watch::channel(());
+                    waits.insert(*id, receiver.clone());
+                    (receiver, Some(sender))
+                }
+            }
+        };
+        let Some(wake) = leader else {
+            let _ = tokio::time::timeout(timeout, woken.changed()).await;
+            return;
+        };
+        let keys = self.keys(id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let block = BLOCK.min(deadline - now);
+            match self.block_once(&keys, block).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                // A failing store: let the caller's claim find out.
+                Err(_) => break,
+            }
+        }
+        self.inner.waits.lock().unwrap_or_else(|poison| poison.into_inner()).remove(id);
+        let _ = wake.send(());
+    }
+}
+
+impl<P: RedisPool> RedisStore<P> {
+    /// Registers as a waiter and blocks for at most `block` on the record's
+    /// queue. True when the record left the in-flight state.
+    async fn block_once(&self, keys: &Keys, block: Duration) -> Result<bool, StoreError> {
+        let mut connection = self.pool.connection().await?;
+        let registered = WAIT.run(&mut connection, &[&keys.record, &keys.waiters], &[]).await;
+        match registered.map_err(StoreError::unavailable)? {
+            Value::Int(1) => {}
+            // Already completed, released or expired.
+            _ => return Ok(true),
+        }
+        let seconds = format!("{:.3}", block.as_secs_f64());
+        let popped: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(&keys.queue)
+            .arg(seconds)
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(popped.is_some())
+    }
+}
+
+impl IdempotencyLayer<RedisStore> {
+    /// A layer on one Redis, shared by every instance of the application.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyLayer, store::redis::deadpool_redis};
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let layer = IdempotencyLayer::redis(pool);
+    /// # drop(layer);
+    /// ```
+    pub fn redis(pool: deadpool_redis::Pool) -> Self {
+        Self::new(RedisStore::new(pool))
+    }
+}
+
+impl IdempotencyLayer<RedisClusterStore> {
+    /// A layer on a Redis Cluster.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyLayer, store::redis::deadpool_redis};
+    ///
+    /// let urls = vec!["redis://127.0.0.1:7000".to_owned(), "redis://127.0.0.1:7001".to_owned()];
+    /// let pool = deadpool_redis::cluster::Config::from_urls(urls)
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let layer = IdempotencyLayer::redis_cluster(pool);
+    /// # drop(layer);
+    /// ```
+    pub fn redis_cluster(pool: deadpool_redis::cluster::Pool) -> Self {
+        Self::new(RedisStore::new(pool))
+    }
+}
+
+/// A Lua script sent by its SHA-1, and in full when the server does not
+/// know it (first use, `SCRIPT FLUSH`, a restarted or new cluster node).
+struct Script {
+    source: &'static str,
+    sha: OnceLock<String>,
+}
+
+impl Script {
+    const fn new(source: &'static str) -> Self {
+        Self { source, sha: OnceLock::new() }
+    }
+
+    async fn run<C: ConnectionLike + Send>(
+        &self,
+        connection: &mut C,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Value, RedisError> {
+        let sha = self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_owned());
+        let invoke = |command: &str, body: &str| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
+            cmd
+        };
+        match invoke("EVALSHA", sha).query_async(connection).await {
+            Err(error) if error.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                invoke("EVAL", self.source).query_async(connection).await
+            }
+            result => result,
+        }
+    }
+}
+
+// KEYS: record, fence counter, wake queue.
+// ARGV: owner nonce (8 bytes), fingerprint (32), lease ms, replace flag.
+// Reply: {0, token} acquired, {1, fingerprint} in flight, {2, record} done.
+static CLAIM: Script = Script::new(
+    r#"
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.byte(v, 1) == 70 then return {1, string.sub(v, 18, 49)} end
+  if ARGV[4] ~= '1' then return {2, v} end
+end
+local t = redis.call('INCR', KEYS[2])
+local token = string.format('%d', t)
+local owner = ARGV[1] .. struct.pack('>I4I4', math.floor(t / 4294967296), t % 4294967296)
+redis.call('SET', KEYS[1], 'F' .. owner .. ARGV[2] .. token, 'PX', ARGV[3])
+redis.call('DEL', KEYS[3])
+return {0, t}
+"#,
+);
+
+/// Wakes the waiters registered on KEYS[2] by pushing to the queue KEYS[3].
+macro_rules! wake_waiters {
+    () => {
+        r#"
+local n = tonumber(redis.call('GET', KEYS[2]) or '0')
+if n > 0 then
+  redis.call('DEL', KEYS[2])
+  for i = 1, math.min(n, 64) do redis.call('RPUSH', KEYS[3], '1') end
+  redis.call('PEXPIRE', KEYS[3], 5000)
+end
+return 1
+"#
+    };
+}
+
+// KEYS: record, waiter count, wake queue. ARGV: owner (16), record, retention ms.
+static COMPLETE: Script = Script::new(concat!(
+    r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 70 or string.sub(v, 2, 17) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+"#,
+    wake_waiters!()
+));
+
+// KEYS: record, waiter count, wake queue. ARGV: owner (16).
+static RELEASE: Script = Script::new(concat!(
+    r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 70 or string.sub(v, 2, 17) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+"#,
+    wake_waiters!()
+));
+
+// KEYS: record. ARGV: owner (16), lease ms.
+static RENEW: Script = Script::new(
+    r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 70 or string.sub(v, 2, 17) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#,
+);
+
+// KEYS: record, waiter count. Registers one waiter while the record is in
+// flight (1), or answers 0 when it is not.
+static WAIT: Script = Script::new(
+    r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.byte(v, 1) ~= 70 then return 0 end
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], 60000)
+return 1
+"#,
+);
+
+/// The hashtag of a record: a short string whose Redis hash slot is picked
+/// by the record id's first bits, so records spread evenly over slots and a
+/// record shares its slot with that slot's fencing counter.
+fn tag(id: &RecordId) -> &'static str {
+    let bytes = id.as_bytes();
+    let slot = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]) & 0x3fff);
+    &slot_tags()[slot]
+}
+
+/// For each of the 16,384 slots, a short tag that hashes to it.
+fn slot_tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = tags.len();
+        let mut n = 0u64;
+        while missing > 0 {
+            let candidate = format!("{n:x}");
+            let slot = usize::from(slot_of(candidate.as_bytes()));
+            if tags[slot].is_empty() {
+                tags[slot] = candidate;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+/// Redis Cluster's hash slot of a key: CRC16 (XMODEM) of its hashtag, mod
+/// 16384.
+fn slot_of(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16(hashed) & 0x3fff
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc = 0u16;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc16_matches_redis() {
+        // Values from the Redis Cluster specification.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+    }
+
+    #[test]
+    fn every_slot_has_a_tag_that_hashes_to_it() {
+        let tags = slot_tags();
+        assert_eq!(tags.len(), 16384);
+        for (slot, tag) in tags.iter().enumerate() {
+            assert_eq!(usize::from(slot_of(tag.as_bytes())), slot);
+        }
+    }
+
+    #[test]
+    fn a_record_and_its_counter_share_a_slot() {
+        let id = RecordId::from_bytes([0x5a; 32]);
+        let tag = tag(&id);
+        let record = format!("idem:{{{tag}}}:{}", id.to_hex());
+        let fence = format!("idem:{{{tag}}}:fence");
+        assert_eq!(slot_of(record.as_bytes()), slot_of(fence.as_bytes()));
+    }
+}
