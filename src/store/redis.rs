@@ -1,7 +1,9 @@
 //! Redis and Redis Cluster stores, on [`deadpool_redis`].
 //!
 //! Each record is one Redis string under a name derived from its
-//! [`RecordId`]: `{prefix}{tag}:{64 hex digits}`. The value is either an
+//! [`RecordId`]: `{prefix}{tag}:{32 hex digits}` (128 bits of the id's
+//! SHA-256: collisions are out of reach in practice, and each record's name
+//! is 32 bytes shorter than with all 256). The value is either an
 //! in-flight claim (`F`, the 16-byte owner, the 32-byte fingerprint, the
 //! fencing token in decimal) or the completed [`Record`]'s compact encoding,
 //! body as raw bytes. Claim, complete, release and renew are each one Lua
@@ -71,17 +73,24 @@ mod sealed {
 /// takes_any_pool(pool);
 /// ```
 pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
+    /// A pooled connection, for calls that block.
     #[doc(hidden)]
     type Connection: ConnectionLike + Send;
+    /// A multiplexed connection taken out of the pool and shared by clones.
+    #[doc(hidden)]
+    type Shared: ConnectionLike + Clone + Send + Sync + 'static;
 
     #[doc(hidden)]
     fn connection(&self) -> impl Future<Output = Result<Self::Connection, StoreError>> + Send;
+
+    #[doc(hidden)]
+    fn shared(&self) -> impl Future<Output = Result<Self::Shared, StoreError>> + Send;
 
     /// Waits for `replicas` to acknowledge the writes made so far on the
     /// primary that holds `key`.
     #[doc(hidden)]
     fn wait_replicas(
-        connection: &mut Self::Connection,
+        connection: &mut Self::Shared,
         key: &str,
         replicas: u32,
         timeout: Duration,
@@ -93,14 +102,19 @@ pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
 
 impl RedisPool for deadpool_redis::Pool {
     type Connection = deadpool_redis::Connection;
+    type Shared = redis::aio::MultiplexedConnection;
     const CLUSTER: bool = false;
 
     async fn connection(&self) -> Result<Self::Connection, StoreError> {
         self.get().await.map_err(StoreError::unavailable)
     }
 
+    async fn shared(&self) -> Result<Self::Shared, StoreError> {
+        Ok(deadpool_redis::Connection::take(self.connection().await?))
+    }
+
     async fn wait_replicas(
-        connection: &mut Self::Connection,
+        connection: &mut Self::Shared,
         _key: &str,
         replicas: u32,
         timeout: Duration,
@@ -111,14 +125,19 @@ impl RedisPool for deadpool_redis::Pool {
 
 impl RedisPool for deadpool_redis::cluster::Pool {
     type Connection = deadpool_redis::cluster::Connection;
+    type Shared = redis::cluster_async::ClusterConnection;
     const CLUSTER: bool = true;
 
     async fn connection(&self) -> Result<Self::Connection, StoreError> {
         self.get().await.map_err(StoreError::unavailable)
     }
 
+    async fn shared(&self) -> Result<Self::Shared, StoreError> {
+        Ok(deadpool_redis::cluster::Connection::take(self.connection().await?))
+    }
+
     async fn wait_replicas(
-        connection: &mut Self::Connection,
+        connection: &mut Self::Shared,
         key: &str,
         replicas: u32,
         timeout: Duration,
@@ -155,9 +174,12 @@ fn wait_cmd(replicas: u32, timeout: Duration) -> Cmd {
 /// let layer = IdempotencyLayer::new(store);
 /// # drop(layer);
 /// ```
-pub struct RedisStore<P = deadpool_redis::Pool> {
+pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
     pool: P,
     inner: Arc<Inner>,
+    /// The multiplexed connection every non-blocking call shares: taking it
+    /// out of the pool spares each call deadpool's health-check `PING`.
+    shared: Arc<Mutex<Option<P::Shared>>>,
 }
 
 /// A [`RedisStore`] on a Redis Cluster.
@@ -173,13 +195,13 @@ struct Inner {
     waits: Mutex<HashMap<RecordId, watch::Receiver<()>>>,
 }
 
-impl<P: Clone> Clone for RedisStore<P> {
+impl<P: RedisPool> Clone for RedisStore<P> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), inner: self.inner.clone() }
+        Self { pool: self.pool.clone(), inner: self.inner.clone(), shared: self.shared.clone() }
     }
 }
 
-impl<P> fmt::Debug for RedisStore<P> {
+impl<P: RedisPool> fmt::Debug for RedisStore<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
@@ -206,6 +228,7 @@ impl<P: RedisPool> RedisStore<P> {
         Self {
             pool,
             inner: Arc::new(Inner { prefix: "idem:".to_owned(), replicas: None, nonce, waits: Mutex::default() }),
+            shared: Arc::default(),
         }
     }
 
@@ -279,10 +302,10 @@ impl<P: RedisPool> RedisStore<P> {
     /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
     /// let store = RedisStore::new(pool);
     /// let key = store.record_key(&RecordId::from_bytes([0xab; 32]));
-    /// assert!(key.starts_with("idem:{") && key.ends_with(&"ab".repeat(32)));
+    /// assert!(key.starts_with("idem:{") && key.ends_with(&format!(":{}", "ab".repeat(16))));
     /// ```
     pub fn record_key(&self, id: &RecordId) -> String {
-        format!("{}{{{}}}:{}", self.inner.prefix, tag(id), id.to_hex())
+        format!("{}{{{}}}:{}", self.inner.prefix, tag(id), &id.to_hex()[..32])
     }
 
     fn keys(&self, id: &RecordId) -> Keys {
@@ -295,16 +318,38 @@ impl<P: RedisPool> RedisStore<P> {
         OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(fencing))
     }
 
-    async fn run(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<(Value, P::Connection), StoreError> {
-        let mut connection = self.pool.connection().await?;
-        let value = script.run(&mut connection, keys, args).await.map_err(StoreError::unavailable)?;
+    /// The shared connection, from the pool the first time and after a
+    /// failure.
+    async fn shared(&self) -> Result<P::Shared, StoreError> {
+        if let Some(connection) = self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone() {
+            return Ok(connection);
+        }
+        let connection = self.pool.shared().await?;
+        *self.shared.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Turns a Redis error into a store error, dropping the shared
+    /// connection when the error says it is broken, so the next call
+    /// connects again (after a Redis restart, say).
+    fn failed(&self, error: RedisError) -> StoreError {
+        if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() || error.is_unrecoverable_error()
+        {
+            *self.shared.lock().unwrap_or_else(|poison| poison.into_inner()) = None;
+        }
+        StoreError::unavailable(error)
+    }
+
+    async fn run(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<(Value, P::Shared), StoreError> {
+        let mut connection = self.shared().await?;
+        let value = script.run(&mut connection, keys, args).await.map_err(|error| self.failed(error))?;
         Ok((value, connection))
     }
 
-    async fn replicate(&self, connection: &mut P::Connection, key: &str) -> Result<(), StoreError> {
+    async fn replicate(&self, connection: &mut P::Shared, key: &str) -> Result<(), StoreError> {
         let Some((replicas, timeout)) = self.inner.replicas else { return Ok(()) };
         let acknowledged =
-            P::wait_replicas(connection, key, replicas, timeout).await.map_err(StoreError::unavailable)?;
+            P::wait_replicas(connection, key, replicas, timeout).await.map_err(|error| self.failed(error))?;
         if acknowledged < i64::from(replicas) {
             return Err(StoreError::unavailable(format!(
                 "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
@@ -314,7 +359,7 @@ impl<P: RedisPool> RedisStore<P> {
     }
 
     /// Runs an owner-checked script; 1 means done, 0 not the owner.
-    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<P::Connection, StoreError> {
+    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<P::Shared, StoreError> {
         let (value, connection) = self.run(script, keys, args).await?;
         match value {
             Value::Int(1) => Ok(connection),
@@ -417,9 +462,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         let key = self.record_key(id);
-        let mut connection = self.pool.connection().await?;
+        let mut connection = self.shared().await?;
         let value: Option<Vec<u8>> =
-            redis::cmd("GET").arg(&key).query_async(&mut connection).await.map_err(StoreError::unavailable)?;
+            redis::cmd("GET").arg(&key).query_async(&mut connection).await.map_err(|error| self.failed(error))?;
         let Some(value) = value else { return Ok(None) };
         if value.first() == Some(&IN_FLIGHT) {
             let (fingerprint, fencing_token) = parse_in_flight(&value)?;

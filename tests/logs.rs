@@ -1,0 +1,54 @@
+//! Logs, in a test binary of their own: `tracing` caches whether anyone
+//! listens at each call site, and tests running beside this one without a
+//! subscriber would race it.
+
+mod common;
+
+use common::*;
+use tower_idempotency::{IdempotencyLayer, Outcome, RecordId, Scope};
+
+/// A `tracing` writer that keeps everything in memory.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = IdempotencyLayer::memory();
+    let (app, _) = counting(&layer);
+    let secret = Some("secret-order-key-42");
+    send(&app, post(secret, "a")).await; // executed
+    send(&app, post(secret, "a")).await; // replayed
+    send(&app, post(secret, "b")).await; // mismatch
+    send(&app, post(Some(""), "a")).await; // rejected
+
+    let metrics = layer.metrics();
+    let counts: Vec<u64> =
+        [Outcome::Executed, Outcome::Replayed, Outcome::Mismatch, Outcome::Rejected].map(|o| metrics.get(o)).to_vec();
+    assert_eq!(counts, [1, 1, 1, 1]);
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    for outcome in ["executed", "replayed", "mismatch", "rejected"] {
+        assert!(logs.contains(&format!("outcome=\"{outcome}\"")), "no {outcome} event in:\n{logs}");
+    }
+    let id = RecordId::new("", &Scope::anonymous(), &"secret-order-key-42".parse().unwrap());
+    assert!(logs.contains(&id.to_string()), "events name the hashed key");
+    assert!(!logs.contains("secret-order-key-42"), "the key leaked into the logs:\n{logs}");
+}

@@ -1,0 +1,474 @@
+//! The layer on Redis and Redis Cluster: round trips, faults, replicas.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpStream,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::{redis::*, *};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tower_idempotency::{
+    IdempotencyLayer, InFlightPolicy, Outcome,
+    store::redis::{RedisClusterStore, RedisStore, deadpool_redis},
+};
+
+const KEY: Option<&str> = Some("order-1");
+
+/// Every command clients send a server, as `MONITOR` shows them, without
+/// the ones scripts run inside.
+struct Monitor {
+    lines: Arc<Mutex<Vec<String>>>,
+    port: u16,
+}
+
+impl Monitor {
+    fn start(server: &RedisServer) -> Self {
+        let mut stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        stream.write_all(b"MONITOR\r\n").unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        assert!(ok.starts_with("+OK"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { lines, port: server.port }
+    }
+
+    /// The client commands since the last call, script internals and the
+    /// harness's own commands left out. A sentinel `PING` marks the end, so
+    /// no command still in flight to the monitor is missed.
+    fn take(&self) -> Vec<String> {
+        let sentinel = format!("sentinel-{}", rand_u64());
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.write_all(format!("PING {sentinel}\r\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply).unwrap();
+        loop {
+            let mut lines = self.lines.lock().unwrap();
+            if let Some(end) = lines.iter().position(|line| line.contains(&sentinel)) {
+                let seen: Vec<String> = lines.drain(..=end).collect();
+                return seen
+                    .into_iter()
+                    .filter(|line| !line.contains(" lua]") && !line.contains(&sentinel))
+                    .map(|line| line.split_once("] ").map_or(line.clone(), |(_, command)| command.to_owned()))
+                    .collect();
+            }
+            drop(lines);
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn names(commands: &[String]) -> Vec<String> {
+    commands.iter().map(|c| c.split('"').nth(1).unwrap_or("").to_uppercase()).collect()
+}
+
+#[tokio::test]
+async fn round_trips_first_two_replay_one_in_flight_one() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool());
+    let gate = Gate::default();
+    let calls = Calls::default();
+    let (held, counter) = (gate.clone(), calls.clone());
+    let app = app(&layer, move |request: HandlerRequest| {
+        let (held, n) = (held.clone(), counter.bump());
+        let hold = request.uri().path() == "/hold";
+        async move {
+            if hold {
+                held.pass().await;
+            }
+            respond(201, format!("call {n}"))
+        }
+    });
+    // Warm up: connect and load the scripts.
+    send(&app, post(Some("warm-up"), "x")).await;
+    let monitor = Monitor::start(&server);
+
+    send(&app, post(KEY, "a")).await;
+    assert_eq!(names(&monitor.take()), ["EVALSHA", "EVALSHA"], "first execution: claim, complete");
+    assert!(send(&app, post(KEY, "a")).await.replayed());
+    assert_eq!(names(&monitor.take()), ["EVALSHA"], "replay: claim");
+
+    let hold = || {
+        http::Request::post("/hold")
+            .header("idempotency-key", "held")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, hold()).await }
+    });
+    gate.entered(1).await;
+    monitor.take();
+    assert_eq!(send(&app, hold()).await.status, 409);
+    assert_eq!(names(&monitor.take()), ["EVALSHA"], "in-flight duplicate: claim");
+    gate.open(1);
+    first.await.unwrap();
+    assert_eq!(calls.get(), 3);
+}
+
+#[tokio::test]
+async fn cluster_round_trips_are_the_same() {
+    let cluster = RedisCluster::shared();
+    let layer = IdempotencyLayer::redis_cluster(cluster.pool());
+    let (app, calls) = counting(&layer);
+    // Warm up the node that will serve the measured key: a key whose record
+    // lands in the same hash slot (the first 14 bits of its record id).
+    let id =
+        |key: &str| tower_idempotency::RecordId::new("", &tower_idempotency::Scope::anonymous(), &key.parse().unwrap());
+    let slot = |key: &str| u16::from_be_bytes([id(key).as_bytes()[0], id(key).as_bytes()[1]]) & 0x3fff;
+    let measured = "cluster-order";
+    let warm = (0..).map(|n| format!("warm-{n}")).find(|key| slot(key) == slot(measured)).unwrap();
+    send(&app, post(Some(&warm), "x")).await;
+    let before = (cluster.calls("evalsha"), cluster.calls("eval"));
+    send(&app, post(Some(measured), "cluster")).await;
+    assert!(send(&app, post(Some(measured), "cluster")).await.replayed());
+    let after = (cluster.calls("evalsha"), cluster.calls("eval"));
+    assert_eq!(after.0 - before.0, 3, "claim + complete, then one claim");
+    assert_eq!(after.1 - before.1, 0, "the scripts were cached on the node");
+    assert_eq!(calls.get(), 2);
+}
+
+#[tokio::test]
+async fn instances_sharing_redis_replay_each_others_records() {
+    let server = RedisServer::start();
+    // Two app instances: separate pools, separate layers, one Redis.
+    let (one, calls_one) = counting(&IdempotencyLayer::redis(server.pool()));
+    let (two, calls_two) = counting(&IdempotencyLayer::redis(server.pool()));
+    let first = send(&one, post(KEY, "a")).await;
+    let replay = send(&two, post(KEY, "a")).await;
+    assert!(replay.replayed());
+    assert_eq!(
+        (replay.status, &replay.body, &replay.headers_but_replayed()),
+        (first.status, &first.body, &first.headers)
+    );
+    assert_eq!((calls_one.get(), calls_two.get()), (1, 0));
+}
+
+#[tokio::test]
+async fn redis_restart_fails_closed_then_recovers_by_itself() {
+    let mut server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool()).with_store_timeout(Duration::from_millis(300)).unwrap();
+    let gate = Gate::default();
+    let calls = Calls::default();
+    let (held, counter) = (gate.clone(), calls.clone());
+    let app = app(&layer, move |request: HandlerRequest| {
+        let (held, n) = (held.clone(), counter.bump());
+        let hold = request.uri().path() == "/hold";
+        async move {
+            if hold {
+                held.pass().await;
+            }
+            respond(201, format!("call {n}"))
+        }
+    });
+    assert_eq!(send(&app, post(Some("before"), "")).await.status, 201);
+
+    // Redis dies while a request runs: its client still gets the answer.
+    let request = http::Request::post("/hold")
+        .header("idempotency-key", "mid-request")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let running = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request).await }
+    });
+    gate.entered(1).await;
+    server.stop();
+    gate.open(1);
+    assert_eq!(running.await.unwrap().status, 201);
+
+    // While it is down, nothing runs.
+    let executed = calls.get();
+    let down = send(&app, post(Some("while-down"), "")).await;
+    assert_eq!((down.status.as_u16(), down.problem().as_str()), (503, "store-unavailable"));
+    assert_eq!(calls.get(), executed);
+
+    // Back up: the layer reconnects without a restart of the app.
+    server.restart();
+    let mut status = 0;
+    for _ in 0..5 {
+        status = send(&app, post(Some("after"), "")).await.status.as_u16();
+        if status == 201 {
+            break;
+        }
+    }
+    assert_eq!(status, 201, "the layer did not recover");
+    assert!(send(&app, post(Some("after"), "")).await.replayed());
+    assert!(layer.metrics().get(Outcome::StoreError) >= 1);
+}
+
+/// A TCP proxy in front of a server that can stop forwarding.
+struct StallingProxy {
+    port: u16,
+    stalled: Arc<AtomicBool>,
+}
+
+impl StallingProxy {
+    async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, flag.clone()));
+                tokio::spawn(pump(server_read, client_write, flag.clone()));
+            }
+        });
+        Self { port, stalled }
+    }
+}
+
+/// Copies bytes one way; while stalled, holds them (the connection stays
+/// open, nothing gets through).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bounded: a stall in a test lasts seconds at most.
+        for _ in 0..1000 {
+            if !stalled.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_connection_hits_the_timeout_and_the_configured_path() {
+    let server = RedisServer::start();
+    let proxy = StallingProxy::start(server.port).await;
+    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let layer = IdempotencyLayer::redis(pool).with_store_timeout(Duration::from_millis(200)).unwrap();
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(Some("k1"), "")).await.status, 201);
+
+    proxy.stalled.store(true, Ordering::SeqCst);
+    let stalled = send(&app, post(Some("k2"), "")).await;
+    assert_eq!(stalled.status, 503);
+    assert_eq!(calls.get(), 1, "nothing ran while the store was stalled");
+
+    let open = IdempotencyLayer::new(layer.store().clone())
+        .with_store_timeout(Duration::from_millis(200))
+        .unwrap()
+        .with_failure_mode(tower_idempotency::FailureMode::FailOpen);
+    let (open_app, open_calls) = counting(&open);
+    assert_eq!(send(&open_app, post(Some("k3"), "")).await.status, 201);
+    assert_eq!((open_calls.get(), open.metrics().get(Outcome::FailedOpen)), (1, 1));
+
+    proxy.stalled.store(false, Ordering::SeqCst);
+    let mut status = 0;
+    for _ in 0..5 {
+        status = send(&app, post(Some("k4"), "")).await.status.as_u16();
+        if status == 201 {
+            break;
+        }
+    }
+    assert_eq!(status, 201, "the layer did not recover after the stall");
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_overwrite_the_record_of_the_owner_after_it() {
+    let server = RedisServer::start();
+    // No renewal: the first claim lapses while its handler still runs.
+    let lease = Duration::from_millis(300);
+    let layer = IdempotencyLayer::redis(server.pool()).with_lease(lease).unwrap().with_lease_ceiling(lease).unwrap();
+    let gate = Gate::default();
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let (held, seen) = (gate.clone(), tokens.clone());
+    let calls = Calls::default();
+    let counter = calls.clone();
+    let app = app(&layer, move |request: HandlerRequest| {
+        let n = counter.bump();
+        let context = request.extensions().get::<tower_idempotency::IdempotencyContext>().cloned().unwrap();
+        seen.lock().unwrap().push(context.fencing_token());
+        let held = held.clone();
+        async move {
+            if n == 1 {
+                held.pass().await;
+            }
+            respond(201, format!("written by call {n}"))
+        }
+    });
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post(KEY, "a")).await }
+    });
+    gate.entered(1).await;
+    // Let the first lease run out: this is the fault under test.
+    tokio::time::sleep(lease * 3).await;
+    let second = send(&app, post(KEY, "a")).await;
+    assert_eq!(second.body, "written by call 2");
+    gate.open(1);
+    assert_eq!(first.await.unwrap().body, "written by call 1");
+    let replay = send(&app, post(KEY, "a")).await;
+    assert_eq!(
+        (&replay.body[..], replay.replayed()),
+        (&b"written by call 2"[..], true),
+        "the second owner's record stands"
+    );
+    let tokens = tokens.lock().unwrap().clone();
+    assert!(tokens[0] < tokens[1], "the stale owner saw the lower fencing token: {tokens:?}");
+    assert_eq!(layer.metrics().get(Outcome::StaleOwner), 1);
+}
+
+#[tokio::test]
+async fn script_flush_between_calls_is_survived() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool());
+    let (app, calls) = counting(&layer);
+    send(&app, post(Some("a"), "")).await;
+    server.command(&["SCRIPT", "FLUSH"]);
+    assert!(send(&app, post(Some("a"), "")).await.replayed(), "claim after a flush");
+    server.command(&["SCRIPT", "FLUSH"]);
+    assert_eq!(send(&app, post(Some("b"), "")).await.status, 201);
+    assert!(send(&app, post(Some("b"), "")).await.replayed());
+    assert_eq!(calls.get(), 2);
+    assert!(server.calls("eval") >= 2, "the scripts were sent again in full");
+}
+
+#[tokio::test]
+async fn wait_for_replicas_and_fail_when_the_replica_is_down() {
+    let primary = RedisServer::start();
+    let mut replica = RedisServer::replica_of(&primary);
+    let store = RedisStore::new(primary.pool()).with_replicas(1, Duration::from_millis(200));
+    let layer = IdempotencyLayer::new(store.clone());
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(Some("replicated"), "")).await.status, 201);
+    let key = store.record_key(&tower_idempotency::RecordId::new(
+        "",
+        &tower_idempotency::Scope::anonymous(),
+        &"replicated".parse().unwrap(),
+    ));
+    assert!(!replica.command(&["GET", &key]).starts_with("$-1"), "the record reached the replica");
+
+    replica.stop();
+    let refused = send(&app, post(Some("unreplicated"), "")).await;
+    assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (503, "store-unavailable"));
+    assert_eq!(calls.get(), 1, "nothing runs on a claim the replica did not take");
+    // The claim was given back: the key is free for a retry.
+    let unreplicated = store.record_key(&tower_idempotency::RecordId::new(
+        "",
+        &tower_idempotency::Scope::anonymous(),
+        &"unreplicated".parse().unwrap(),
+    ));
+    assert!(primary.command(&["GET", &unreplicated]).starts_with("$-1"));
+}
+
+#[tokio::test]
+async fn waiting_duplicates_block_instead_of_polling() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool()).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
+    let gate = Gate::default();
+    let calls = Calls::default();
+    let (held, counter) = (gate.clone(), calls.clone());
+    let app = app(&layer, move |_| {
+        let (held, n) = (held.clone(), counter.bump());
+        async move {
+            held.pass().await;
+            respond(201, format!("call {n}"))
+        }
+    });
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post(KEY, "a")).await }
+    });
+    gate.entered(1).await;
+    let before = server.calls("evalsha") + server.calls("eval");
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, post(KEY, "a")).await })
+        })
+        .collect();
+    // Hold the first request for a second while eight duplicates wait.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = server.calls("evalsha") + server.calls("eval") - before;
+    gate.open(1);
+    let first = first.await.unwrap();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert_eq!((&answer.body, answer.replayed()), (&first.body, true));
+    }
+    assert_eq!(calls.get(), 1);
+    // Eight claims, then at most a registration per 200 ms block for the
+    // one blocking waiter: a poll loop would be in the thousands.
+    assert!(during <= 8 + 8, "{during} script calls in one second of waiting");
+    assert!(server.calls("blpop") >= 1);
+}
+
+#[tokio::test]
+async fn a_completed_1_kib_record_stays_small_in_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(server.pool());
+    let layer = IdempotencyLayer::new(store.clone());
+    let app = app(&layer, |_| async { respond(201, vec![b'x'; 1024]) });
+    let answer = send(&app, post(KEY, "a")).await;
+    let key = store.record_key(&tower_idempotency::RecordId::new(
+        "",
+        &tower_idempotency::Scope::anonymous(),
+        &"order-1".parse().unwrap(),
+    ));
+    let usage = |key: &str| -> usize {
+        server.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).trim_start_matches(':').trim().parse().unwrap()
+    };
+    let record = usage(&key);
+    // The baseline: a bare Redis string holding just the body, under a key
+    // name as long as the record's, with a TTL as the record has.
+    let bare_key = "b".repeat(key.len());
+    server.command(&["SET", &bare_key, &"x".repeat(1024), "PX", "100000"]);
+    let bare = usage(&bare_key);
+    let headers: usize = answer.headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    println!(
+        "MEMORY USAGE, 1 KiB body: record {record} B (key {} B, headers {headers} B); bare SET of the body {bare} B; \
+         record - bare = {} B",
+        key.len(),
+        record as i64 - bare as i64
+    );
+    assert!(record <= bare + 64, "the record costs {record} B, the bare body {bare} B");
+}
+
+#[allow(dead_code)]
+fn cluster_store_is_nameable(store: RedisClusterStore) -> IdempotencyLayer<RedisClusterStore> {
+    IdempotencyLayer::new(store)
+}
