@@ -95,15 +95,11 @@ pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
         replicas: u32,
         timeout: Duration,
     ) -> impl Future<Output = Result<i64, RedisError>> + Send;
-
-    #[doc(hidden)]
-    const CLUSTER: bool;
 }
 
 impl RedisPool for deadpool_redis::Pool {
     type Connection = deadpool_redis::Connection;
     type Shared = redis::aio::MultiplexedConnection;
-    const CLUSTER: bool = false;
 
     async fn connection(&self) -> Result<Self::Connection, StoreError> {
         self.get().await.map_err(StoreError::unavailable)
@@ -126,7 +122,6 @@ impl RedisPool for deadpool_redis::Pool {
 impl RedisPool for deadpool_redis::cluster::Pool {
     type Connection = deadpool_redis::cluster::Connection;
     type Shared = redis::cluster_async::ClusterConnection;
-    const CLUSTER: bool = true;
 
     async fn connection(&self) -> Result<Self::Connection, StoreError> {
         self.get().await.map_err(StoreError::unavailable)
@@ -491,6 +486,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
             let _ = tokio::time::timeout(timeout, woken.changed()).await;
             return;
         };
+        // However this wait ends (woken, timed out, or dropped with its
+        // request), the record's entry goes and its followers are woken.
+        let _leader = Leader { waits: &self.inner.waits, id: *id, wake };
         let keys = self.keys(id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -506,8 +504,20 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 Err(_) => break,
             }
         }
-        self.inner.waits.lock().unwrap_or_else(|poison| poison.into_inner()).remove(id);
-        let _ = wake.send(());
+    }
+}
+
+/// The one blocking wait of a record in this process.
+struct Leader<'a> {
+    waits: &'a Mutex<HashMap<RecordId, watch::Receiver<()>>>,
+    id: RecordId,
+    wake: watch::Sender<()>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.waits.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&self.id);
+        let _ = self.wake.send(());
     }
 }
 
