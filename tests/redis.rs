@@ -89,19 +89,7 @@ fn names(commands: &[String]) -> Vec<String> {
 async fn round_trips_first_two_replay_one_in_flight_one() {
     let server = RedisServer::start();
     let layer = IdempotencyLayer::redis(server.pool());
-    let gate = Gate::default();
-    let calls = Calls::default();
-    let (held, counter) = (gate.clone(), calls.clone());
-    let app = app(&layer, move |request: HandlerRequest| {
-        let (held, n) = (held.clone(), counter.bump());
-        let hold = request.uri().path() == "/hold";
-        async move {
-            if hold {
-                held.pass().await;
-            }
-            respond(201, format!("call {n}"))
-        }
-    });
+    let (app, gate, calls) = gated(&layer);
     // Warm up: connect and load the scripts.
     send(&app, post(Some("warm-up"), "x")).await;
     let monitor = Monitor::start(&server);
@@ -111,19 +99,13 @@ async fn round_trips_first_two_replay_one_in_flight_one() {
     assert!(send(&app, post(KEY, "a")).await.replayed());
     assert_eq!(names(&monitor.take()), ["EVALSHA"], "replay: claim");
 
-    let hold = || {
-        http::Request::post("/hold")
-            .header("idempotency-key", "held")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap()
-    };
     let first = tokio::spawn({
         let app = app.clone();
-        async move { send(&app, hold()).await }
+        async move { send(&app, hold("held")).await }
     });
     gate.entered(1).await;
     monitor.take();
-    assert_eq!(send(&app, hold()).await.status, 409);
+    assert_eq!(send(&app, hold("held")).await.status, 409);
     assert_eq!(names(&monitor.take()), ["EVALSHA"], "in-flight duplicate: claim");
     gate.open(1);
     first.await.unwrap();
@@ -172,29 +154,13 @@ async fn instances_sharing_redis_replay_each_others_records() {
 async fn redis_restart_fails_closed_then_recovers_by_itself() {
     let mut server = RedisServer::start();
     let layer = IdempotencyLayer::redis(server.pool()).with_store_timeout(Duration::from_millis(300)).unwrap();
-    let gate = Gate::default();
-    let calls = Calls::default();
-    let (held, counter) = (gate.clone(), calls.clone());
-    let app = app(&layer, move |request: HandlerRequest| {
-        let (held, n) = (held.clone(), counter.bump());
-        let hold = request.uri().path() == "/hold";
-        async move {
-            if hold {
-                held.pass().await;
-            }
-            respond(201, format!("call {n}"))
-        }
-    });
+    let (app, gate, calls) = gated(&layer);
     assert_eq!(send(&app, post(Some("before"), "")).await.status, 201);
 
     // Redis dies while a request runs: its client still gets the answer.
-    let request = http::Request::post("/hold")
-        .header("idempotency-key", "mid-request")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
     let running = tokio::spawn({
         let app = app.clone();
-        async move { send(&app, request).await }
+        async move { send(&app, hold("mid-request")).await }
     });
     gate.entered(1).await;
     server.stop();

@@ -164,3 +164,27 @@ where
 pub async fn send(app: &App, request: Request<Full<Bytes>>) -> Answer {
     read(app.clone().oneshot(request).await.unwrap()).await
 }
+
+/// A handler that answers 201 `call {n}`; a request to `/hold` first waits
+/// at the returned gate.
+pub fn gated<St: Store + Clone>(layer: &IdempotencyLayer<St>) -> (App, Gate, Calls) {
+    let gate = Gate::default();
+    let calls = Calls::default();
+    let (held, counter) = (gate.clone(), calls.clone());
+    let app = app(layer, move |request: HandlerRequest| {
+        let (held, n) = (held.clone(), counter.bump());
+        let hold = request.uri().path() == "/hold";
+        async move {
+            if hold {
+                held.pass().await;
+            }
+            respond(201, format!("call {n}"))
+        }
+    });
+    (app, gate, calls)
+}
+
+/// A request to `/hold` with `key`.
+pub fn hold(key: &str) -> Request<Full<Bytes>> {
+    Request::post("/hold").header("idempotency-key", key).body(Full::default()).unwrap()
+}
