@@ -988,3 +988,22 @@ async fn a_response_too_big_for_a_full_store_is_never_rerun() {
     assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (410, "response-not-stored"));
     assert_eq!(calls.get(), 1);
 }
+
+#[tokio::test]
+async fn a_custom_responder_replaces_rejections() {
+    use tower_idempotency::{Rejection, RejectionKind};
+
+    let layer = IdempotencyLayer::memory().with_key_required(true).with_responder(|rejection: &Rejection| {
+        if rejection.kind() == RejectionKind::MissingKey {
+            let mut response = Response::new(Bytes::from_static(b"send a key, please"));
+            *response.status_mut() = http::StatusCode::PRECONDITION_REQUIRED;
+            return response;
+        }
+        rejection.default_response()
+    });
+    let (app, calls) = counting(&layer);
+    let custom = send(&app, post(None, "a")).await;
+    assert_eq!((custom.status.as_u16(), &custom.body[..]), (428, &b"send a key, please"[..]));
+    assert_eq!(send(&app, post(Some(""), "a")).await.problem(), "invalid-key", "other cases keep the default");
+    assert_eq!(calls.get(), 0);
+}
