@@ -255,7 +255,7 @@ impl<St: Store> Guarded<St> {
             _ => None,
         };
         loop {
-            let claimed = match with_timeout(config.store_timeout, config.store.claim(claim)).await {
+            let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                 Ok(claimed) => claimed,
                 Err(error) => {
                     config.store_failed(&id, "claim", &error);
@@ -470,6 +470,53 @@ async fn execute_detached<S, St, B, ResB>(
                 return;
             }
         }
+    }
+}
+
+/// A claim on its way to the store. If it is dropped unfinished (the client
+/// went away, or the store timeout fired) it finishes on its own task, and
+/// gives the key back if it got it: a claim that lands after its request
+/// is gone would otherwise hold the key for a whole lease, and every retry
+/// would get 409.
+struct PendingClaim<St: Store> {
+    claim: Option<crate::future::BoxFuture<Result<Claim, StoreError>>>,
+    config: Arc<Config<St>>,
+    id: RecordId,
+}
+
+impl<St: Store> PendingClaim<St> {
+    fn new(config: &Arc<Config<St>>, request: ClaimRequest) -> Self {
+        let owned = config.clone();
+        let claim = Box::pin(async move { owned.store.claim(request).await });
+        Self { claim: Some(claim), config: config.clone(), id: request.id() }
+    }
+}
+
+impl<St: Store> Future for PendingClaim<St> {
+    type Output = Result<Claim, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(claim) = self.claim.as_mut() else { return Poll::Ready(Err(StoreError::unavailable("polled twice"))) };
+        let output = std::task::ready!(claim.as_mut().poll(cx));
+        self.claim = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<St: Store> Drop for PendingClaim<St> {
+    fn drop(&mut self) {
+        let Some(claim) = self.claim.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (config, id) = (self.config.clone(), self.id);
+        runtime.spawn(async move {
+            if let Ok(Claim::Acquired(lease)) = claim.await {
+                tracing::debug!(key = %id, "releasing a claim its request no longer waits for");
+                let released = config.store.release(&id, lease.owner());
+                if let Err(error) = with_timeout(config.store_timeout, released).await {
+                    config.store_failed(&id, "release", &error);
+                }
+            }
+        });
     }
 }
 

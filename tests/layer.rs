@@ -1007,3 +1007,97 @@ async fn a_custom_responder_replaces_rejections() {
     assert_eq!(send(&app, post(Some(""), "a")).await.problem(), "invalid-key", "other cases keep the default");
     assert_eq!(calls.get(), 0);
 }
+
+/// A memory store whose first claim answers only after `delay`: the claim
+/// lands after the request that sent it has given up. Like a command
+/// already sent to Redis, it lands even if its future is dropped.
+#[derive(Clone)]
+struct SlowFirstClaim {
+    inner: MemoryStore,
+    delay: Duration,
+    claims: Calls,
+    /// Signalled once the slow first claim has landed in the store.
+    landed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Store for SlowFirstClaim {
+    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+        if self.claims.bump() == 1 {
+            let (inner, delay, landed) = (self.inner.clone(), self.delay, self.landed.clone());
+            let sent = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let claim = inner.claim(request).await;
+                landed.notify_one();
+                claim
+            });
+            return sent.await.unwrap_or_else(|_| Err(StoreError::unavailable("claim task failed")));
+        }
+        self.inner.claim(request).await
+    }
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: tower_idempotency::Record,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(id, owner, record, retention).await
+    }
+    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(id, owner).await
+    }
+    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        self.inner.renew(id, owner, lease).await
+    }
+    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        self.inner.lookup(id).await
+    }
+    async fn wait(&self, id: &RecordId, timeout: Duration) {
+        self.inner.wait(id, timeout).await
+    }
+}
+
+#[tokio::test]
+async fn a_claim_that_lands_after_its_request_gave_up_is_given_back() {
+    let store = SlowFirstClaim {
+        inner: MemoryStore::new(),
+        delay: Duration::from_millis(100),
+        claims: Calls::default(),
+        landed: Default::default(),
+    };
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_store_timeout(Duration::from_millis(20))
+        .unwrap()
+        .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    let (app, calls) = counting(&layer);
+    // The claim outlives its request's store timeout: 503, nothing ran.
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 503);
+    store.landed.notified().await;
+    // The retry finds the late claim in flight and waits; the late claim
+    // must be given back (not held for its 30 s lease), so the retry runs.
+    let retry = send(&app, post(KEY, "a")).await;
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn a_claim_whose_client_left_is_given_back() {
+    let store = SlowFirstClaim {
+        inner: MemoryStore::new(),
+        delay: Duration::from_millis(100),
+        claims: Calls::default(),
+        landed: Default::default(),
+    };
+    let layer = IdempotencyLayer::new(store.clone()).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    let (app, calls) = counting(&layer);
+    let first = tokio::spawn(send_owned(app.clone(), post(KEY, "a")));
+    // Hang up while the first claim is on its way.
+    while store.claims.get() == 0 {
+        tokio::task::yield_now().await;
+    }
+    first.abort();
+    store.landed.notified().await;
+    let retry = send(&app, post(KEY, "a")).await;
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
+    assert_eq!(calls.get(), 1);
+}
