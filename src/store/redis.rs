@@ -175,6 +175,9 @@ pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
     /// The multiplexed connection every non-blocking call shares: taking it
     /// out of the pool spares each call deadpool's health-check `PING`.
     shared: Arc<Mutex<Option<P::Shared>>>,
+    /// Held while one call connects, so a burst of calls after a start or a
+    /// failure makes one connection, not one each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A [`RedisStore`] on a Redis Cluster.
@@ -192,7 +195,12 @@ struct Inner {
 
 impl<P: RedisPool> Clone for RedisStore<P> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), inner: self.inner.clone(), shared: self.shared.clone() }
+        Self {
+            pool: self.pool.clone(),
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            connecting: self.connecting.clone(),
+        }
     }
 }
 
@@ -224,6 +232,7 @@ impl<P: RedisPool> RedisStore<P> {
             pool,
             inner: Arc::new(Inner { prefix: "idem:".to_owned(), replicas: None, nonce, waits: Mutex::default() }),
             shared: Arc::default(),
+            connecting: Arc::default(),
         }
     }
 
@@ -316,7 +325,12 @@ impl<P: RedisPool> RedisStore<P> {
     /// The shared connection, from the pool the first time and after a
     /// failure.
     async fn shared(&self) -> Result<P::Shared, StoreError> {
-        if let Some(connection) = self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone() {
+        let cached = || self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
+        if let Some(connection) = cached() {
+            return Ok(connection);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(connection) = cached() {
             return Ok(connection);
         }
         let connection = self.pool.shared().await?;
