@@ -213,6 +213,7 @@ pub fn router<St: Store + Clone>(layer: IdempotencyLayer<St>, payments: Arc<Paym
         .route("/v1/charges", post(create_charge::<St>).get(list_charges::<St>))
         .route("/v1/charges/{id}", get(get_charge::<St>))
         .route("/v1/idempotency/{key}", get(key_state::<St>))
+        .route("/internal/stats", get(stats::<St>))
         .layer(layer)
         .layer(middleware::from_fn(authenticate))
         .with_state(state)
@@ -435,6 +436,12 @@ async fn get_charge<St>(
         Ok(Err(error)) => ledger_error(error),
         Err(error) => ledger_error(error),
     }
+}
+
+/// How often the charge handler ran: more runs than keys would mean the
+/// layer let a duplicate through (and the ledger caught it).
+async fn stats<St>(State(state): State<AppState<St>>) -> Response {
+    Json(json!({ "executions": state.payments.executions() })).into_response()
 }
 
 async fn key_state<St: Store + Clone>(
