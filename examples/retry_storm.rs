@@ -261,7 +261,7 @@ async fn storm(flags: Flags) -> Result<bool, Box<dyn std::error::Error>> {
         "distinct_keys": flags.keys,
         "ledger_charges": charges_per_key.values().sum::<u64>(),
         "double_charged_keys": double_charged,
-        "keys_with_two_answers": split.len(),
+        "keys_with_two_answers": split.iter().map(|key| format!("storm-{run}-{key}")).collect::<Vec<_>>(),
         "clients_without_answer": unanswered,
         "ok": ok,
     });
@@ -391,11 +391,19 @@ fn print_summary(summary: &Value) {
     let executions = summary["handler_executions"].as_u64().map_or("unknown".to_owned(), |n| n.to_string());
     println!("  executions   {executions} handler runs for {} distinct keys", summary["distinct_keys"]);
     println!("  ledger       {} charges", summary["ledger_charges"]);
-    let double = summary["double_charged_keys"].as_array().map_or(0, Vec::len);
+    let listed = |name: &str| summary[name].as_array().cloned().unwrap_or_default();
+    let (double, split) = (listed("double_charged_keys"), listed("keys_with_two_answers"));
     println!(
-        "  violations   {double} keys charged twice, {} keys with two answers, {} clients without an answer",
-        summary["keys_with_two_answers"], summary["clients_without_answer"]
+        "  violations   {} keys charged twice, {} keys with two answers, {} clients without an answer",
+        double.len(),
+        split.len(),
+        summary["clients_without_answer"]
     );
+    for (what, keys) in [("charged twice", &double), ("two answers", &split)] {
+        for key in keys.iter().take(10) {
+            println!("    {what}: {}", key.as_str().unwrap_or("?"));
+        }
+    }
     if summary["ok"].as_bool() == Some(true) {
         println!("OK: every key charged once, and all its clients got the same answer");
     } else {
