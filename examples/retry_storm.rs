@@ -220,7 +220,8 @@ async fn storm(flags: Flags) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     let tally = tally.lock().unwrap_or_else(|p| p.into_inner());
-    let double_charged: Vec<String> = charges_per_key.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k.clone()).collect();
+    let double_charged: Vec<String> =
+        charges_per_key.iter().filter(|(_, n)| **n > 1).map(|(key, _)| format!("storm-{run}-{key}")).collect();
     let mut split = Vec::new();
     let mut unanswered = 0u64;
     for (key, finals) in &tally.finals {
