@@ -132,8 +132,13 @@ impl<B> ResponseBody<B> {
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
+        Self::with_trailers(data, None)
+    }
+
+    /// One body and its trailers, as a replay sends them.
+    pub(crate) fn with_trailers(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         let chunks = if data.is_empty() { VecDeque::new() } else { VecDeque::from([data]) };
-        Self::buffered(chunks, None)
+        Self::buffered(chunks, trailers)
     }
 
     /// `chunks` first, then what arrives on `frames` until [`Message::End`].

@@ -311,8 +311,7 @@ impl<St: Store> Guarded<St> {
             Ok(stored) => {
                 let (status, mut headers, body, trailers) = stored.into_parts();
                 headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-                let chunks = if body.is_empty() { VecDeque::new() } else { VecDeque::from([body]) };
-                let mut response = Response::new(ResponseBody::buffered(chunks, trailers));
+                let mut response = Response::new(ResponseBody::with_trailers(body, trailers));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
                 self.config.note(Outcome::Replayed, id);
