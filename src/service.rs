@@ -393,6 +393,7 @@ async fn execute_detached<S, St, B, ResB>(
     // at once is stored before the client sees it, and sent in one piece.
     let mut early = VecDeque::new();
     let mut early_len = 0;
+    let mut ended = false;
     while early_len <= EAGER_LIMIT {
         let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> =
             poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))).await;
@@ -405,15 +406,16 @@ async fn execute_detached<S, St, B, ResB>(
                         early_len += data.len();
                         early.push_back(data);
                     }
-                    Err(_) => break,
+                    // Trailers end a body.
+                    Err(_) => {
+                        ended = true;
+                        break;
+                    }
                 }
             }
             Poll::Ready(None) => {
-                let retry = claim.finish(&recorder).await;
-                let trailers = recorder.trailers.clone();
-                let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
-                claim.settle_later(retry).await;
-                return;
+                ended = true;
+                break;
             }
             Poll::Ready(Some(Err(error))) => {
                 let retry = claim.fail().await;
@@ -425,8 +427,8 @@ async fn execute_detached<S, St, B, ResB>(
             }
         }
     }
-    if recorder.trailers.is_some() {
-        // Trailers end a body: it finished without ever waiting.
+    if ended {
+        // The body finished without ever waiting.
         let retry = claim.finish(&recorder).await;
         let trailers = recorder.trailers.clone();
         let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
