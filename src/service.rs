@@ -371,11 +371,20 @@ async fn execute_detached<S, St, B, ResB>(
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let response = match claim.alive(inner.call(request)).await {
-        Ok(response) => response,
-        Err(error) => {
+    // A panic in the inner service is caught here, so the claim is released
+    // before the client hears of it: a retry sent at once runs, never 409.
+    let called = CatchUnwind { future: async { claim.alive(inner.call(request)).await } }.await;
+    let response = match called {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
             claim.release().await;
             let _ = answer.send(Err(error));
+            return;
+        }
+        Err(_panic) => {
+            tracing::error!(key = %claim.id, "inner service panicked: its idempotency key is released");
+            claim.release().await;
+            // Dropping `answer` tells the waiting request: it answers 500.
             return;
         }
     };
@@ -470,6 +479,26 @@ async fn execute_detached<S, St, B, ResB>(
                 claim.settle_later(retry).await;
                 return;
             }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Runs a future, turning a panic while it is polled into an `Err`.
+    struct CatchUnwind<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.project().future;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(polled) => polled.map(Ok),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }
