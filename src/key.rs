@@ -55,7 +55,9 @@ pub enum KeyError {
 
 impl IdempotencyKey {
     /// Parses a header value: a structured-field string (`"abc"`) or a bare
-    /// token (`abc`).
+    /// token (`abc`). A value that starts with `"` is read as a quoted
+    /// string and must be a well-formed one; spaces and tabs around the
+    /// value are ignored.
     ///
     /// # Example
     /// ```

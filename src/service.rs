@@ -615,21 +615,21 @@ impl<St: Store> Execution<St> {
     }
 
     async fn send(&mut self, client: &mut Option<mpsc::Sender<Message>>, message: Message) {
-        if let Some(sender) = client {
-            if self.alive(sender.send(message)).await.is_err() {
-                // The client went away: keep recording without it.
-                *client = None;
-            }
+        if let Some(sender) = client
+            && self.alive(sender.send(message)).await.is_err()
+        {
+            // The client went away: keep recording without it.
+            *client = None;
         }
     }
 
     /// Settles a body that ended cleanly: a `grpc-status` in its trailers
     /// meets the storage rule again, now that it is known.
     async fn finish(&mut self, recorder: &Recorder) -> Option<Record> {
-        if let Some(status) = recorder.trailer_status() {
-            if !self.config.keeps(recorder.verdict, status) {
-                return self.settle(Settlement::Release).await;
-            }
+        if let Some(status) = recorder.trailer_status()
+            && !self.config.keeps(recorder.verdict, status)
+        {
+            return self.settle(Settlement::Release).await;
         }
         let record = match recorder.response() {
             Ok(response) => Record::new(self.fingerprint, response),
