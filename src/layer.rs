@@ -52,6 +52,7 @@ pub(crate) struct Config<St> {
     pub(crate) lease_ceiling: Duration,
     pub(crate) retention: Duration,
     pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
     pub(crate) response_limit: usize,
     pub(crate) store_timeout: Duration,
     pub(crate) retry_after: Duration,
@@ -80,6 +81,7 @@ pub(crate) struct Config<St> {
 /// | stored responses | all but 5xx, 408, 425, 429 |
 /// | lease / renewal ceiling / retention | 30 s / 10 min / 24 h |
 /// | request body cap / response storage cap | 1 MiB / 1 MiB |
+/// | request body timeout | 30 s |
 /// | store call timeout | 1 s |
 /// | store failure | [`FailureMode::FailClosed`] (503) |
 ///
@@ -160,6 +162,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
                 lease_ceiling: Duration::from_secs(600),
                 retention: Duration::from_secs(24 * 3600),
                 body_limit: 1 << 20,
+                body_timeout: Duration::from_secs(30),
                 response_limit: 1 << 20,
                 store_timeout: Duration::from_secs(1),
                 retry_after: Duration::from_secs(1),
@@ -359,6 +362,22 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.update(|c| c.body_limit = bytes)
+    }
+
+    /// How long the whole request body may take to arrive. A slower one
+    /// (a slow-loris client) gets 408 `body-timeout` and nothing runs.
+    ///
+    /// # Example
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::memory().with_body_timeout(Duration::from_secs(5)).unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn with_body_timeout(self, timeout: Duration) -> Result<Self, ConfigError> {
+        if timeout.is_zero() {
+            return Err(ConfigError::Zero("body timeout"));
+        }
+        Ok(self.update(|c| c.body_timeout = timeout))
     }
 
     /// The largest response body stored. A larger response is still

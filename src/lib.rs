@@ -33,6 +33,7 @@
 //! | empty, over 255 bytes, non-ASCII, control or space characters, two key fields | 400 `invalid-key` |
 //! | scope function returns `None` | 400 `missing-scope` |
 //! | body over the cap (default 1 MiB) | 413 `body-too-large`, nothing runs |
+//! | body slower than its timeout (default 30 s) | 408 `body-timeout`, nothing runs |
 //! | first request with a key | runs; response stored unless 5xx, 408, 425, 429 |
 //! | same key, same payload, finished | stored response replayed, `Idempotent-Replayed: true` |
 //! | same key, different payload (in flight or finished) | 422 `key-reused` |

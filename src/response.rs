@@ -18,6 +18,7 @@ use crate::{KeyError, NotStored};
 /// | `MissingScope` | 400 | `UNAUTHENTICATED` (16) |
 /// | `InvalidBody` | 400 | `INVALID_ARGUMENT` (3) |
 /// | `BodyTooLarge` | 413 | `RESOURCE_EXHAUSTED` (8) |
+/// | `BodyTimeout` | 408 | `DEADLINE_EXCEEDED` (4) |
 /// | `KeyReused` | 422 | `INVALID_ARGUMENT` (3) |
 /// | `InFlight` | 409 + `Retry-After` | `ABORTED` (10) |
 /// | `InFlightAccepted` | 202 + `Retry-After` | `ABORTED` (10) |
@@ -46,6 +47,8 @@ pub enum RejectionKind {
     InvalidBody,
     /// The request body is larger than the cap; nothing ran.
     BodyTooLarge,
+    /// The request body did not arrive in time (a slow client); nothing ran.
+    BodyTimeout,
     /// The key was used before for a different request.
     KeyReused,
     /// A request with this key is still running.
@@ -74,6 +77,7 @@ impl RejectionKind {
         match self {
             Self::MissingKey | Self::InvalidKey(_) | Self::MissingScope | Self::InvalidBody => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight | Self::KeyAlreadyUsed => StatusCode::CONFLICT,
             Self::InFlightAccepted => StatusCode::ACCEPTED,
@@ -95,6 +99,7 @@ impl RejectionKind {
             Self::MissingKey | Self::InvalidKey(_) | Self::InvalidBody | Self::KeyReused => 3,
             Self::MissingScope => 16,
             Self::BodyTooLarge => 8,
+            Self::BodyTimeout => 4,
             Self::InFlight | Self::InFlightAccepted => 10,
             Self::KeyAlreadyUsed => 6,
             Self::ResponseNotStored(_) => 9,
@@ -117,6 +122,7 @@ impl RejectionKind {
             Self::MissingScope => "urn:tower-idempotency:problem:missing-scope",
             Self::InvalidBody => "urn:tower-idempotency:problem:invalid-body",
             Self::BodyTooLarge => "urn:tower-idempotency:problem:body-too-large",
+            Self::BodyTimeout => "urn:tower-idempotency:problem:body-timeout",
             Self::KeyReused => "urn:tower-idempotency:problem:key-reused",
             Self::InFlight => "urn:tower-idempotency:problem:in-flight",
             Self::InFlightAccepted => "urn:tower-idempotency:problem:in-flight-accepted",
@@ -141,6 +147,7 @@ impl RejectionKind {
             Self::MissingScope => "No caller identity for the idempotency key",
             Self::InvalidBody => "Request body could not be read",
             Self::BodyTooLarge => "Request body too large",
+            Self::BodyTimeout => "Request body too slow",
             Self::KeyReused => "Idempotency key reused with a different request",
             Self::InFlight => "A request with this idempotency key is in progress",
             Self::InFlightAccepted => "A request with this idempotency key is in progress",
@@ -165,6 +172,7 @@ impl RejectionKind {
             Self::MissingScope => "The request carries no identity to scope its idempotency key to.".into(),
             Self::InvalidBody => "The request body ended with an error before it was complete.".into(),
             Self::BodyTooLarge => "The request body exceeds the size this endpoint accepts; nothing was done.".into(),
+            Self::BodyTimeout => "The request body did not arrive in time; nothing was done.".into(),
             Self::KeyReused => {
                 "This key was already used for a request with a different method, path, headers or body.".into()
             }
@@ -416,6 +424,7 @@ mod tests {
             RejectionKind::MissingScope,
             RejectionKind::InvalidBody,
             RejectionKind::BodyTooLarge,
+            RejectionKind::BodyTimeout,
             RejectionKind::KeyReused,
             RejectionKind::InFlight,
             RejectionKind::InFlightAccepted,

@@ -240,9 +240,11 @@ impl<St: Store> Guarded<St> {
         let Some(scope) = (config.scope)(&parts) else {
             return Ok(config.reject(RejectionKind::MissingScope, self.grpc));
         };
-        let (body, trailers) = match read_body(body, config.body_limit).await {
-            Ok(body) => body,
-            Err(kind) => return Ok(config.reject(kind, self.grpc)),
+        let read = tokio::time::timeout(config.body_timeout, read_body(body, config.body_limit));
+        let (body, trailers) = match read.await {
+            Ok(Ok(body)) => body,
+            Ok(Err(kind)) => return Ok(config.reject(kind, self.grpc)),
+            Err(_) => return Ok(config.reject(RejectionKind::BodyTimeout, self.grpc)),
         };
         let fingerprint = Fingerprint::of(&parts, &config.fingerprint_headers, &body);
         let id = RecordId::new(&config.namespace, &scope, &key);
