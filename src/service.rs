@@ -574,6 +574,9 @@ struct Execution<St: Store> {
     settled: bool,
     renew_at: Instant,
     renew_until: Instant,
+    /// Until when the claim surely holds: its lease from the claim or the
+    /// last renewal that the store acknowledged.
+    held_until: Instant,
 }
 
 impl<St: Store> Execution<St> {
@@ -583,7 +586,8 @@ impl<St: Store> Execution<St> {
         // A renewal at `t` holds the key until `t + lease`: stop renewing
         // where that would pass the ceiling.
         let renew_until = now + config.lease_ceiling.saturating_sub(config.lease);
-        Self { config, id, owner, fingerprint, settled: false, renew_at, renew_until }
+        let held_until = now + config.lease;
+        Self { config, id, owner, fingerprint, settled: false, renew_at, renew_until, held_until }
     }
 
     /// Runs `future` while renewing the lease.
@@ -601,9 +605,10 @@ impl<St: Store> Execution<St> {
         while self.renew_at <= self.renew_until {
             tokio::time::sleep_until(self.renew_at).await;
             let config = &self.config;
+            let sent = Instant::now();
             let renewed = config.store.renew(&self.id, self.owner, config.lease);
             match with_timeout(config.store_timeout, renewed).await {
-                Ok(()) => {}
+                Ok(()) => self.held_until = sent + config.lease,
                 Err(error) => {
                     config.store_failed(&self.id, "renew", &error);
                     if matches!(error, StoreError::NotOwner) {
@@ -687,12 +692,20 @@ impl<St: Store> Execution<St> {
         }
     }
 
-    /// Retries a failed completion twice more, backing off; the claim's lease
-    /// is the last resort if the store stays down.
+    /// Retries a failed completion, backing off from 100 ms to 2 s, for as
+    /// long as the claim surely holds: a store that comes back (a restarted
+    /// Redis that kept its data) within the lease still gets the outcome,
+    /// and a retry of the request gets the replay instead of a second run.
     async fn settle_later(&mut self, record: Option<Record>) {
         let Some(record) = record else { return };
-        for backoff in [Duration::from_millis(100), Duration::from_millis(500)] {
-            tokio::time::sleep(backoff).await;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let at = Instant::now() + backoff;
+            if at >= self.held_until {
+                tracing::error!(key = %self.id, "the store stayed down for the whole lease: the outcome is lost");
+                return;
+            }
+            tokio::time::sleep_until(at).await;
             match self.complete(record.clone()).await {
                 Ok(()) => return,
                 Err(error) => {
@@ -702,6 +715,7 @@ impl<St: Store> Execution<St> {
                     }
                 }
             }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 

@@ -438,3 +438,57 @@ async fn a_completed_1_kib_record_stays_small_in_redis() {
 fn cluster_store_is_nameable(store: RedisClusterStore) -> IdempotencyLayer<RedisClusterStore> {
     IdempotencyLayer::new(store)
 }
+
+#[tokio::test]
+async fn redis_killed_mid_request_and_back_with_its_data_loses_no_outcome() {
+    use tower_idempotency::FailureMode;
+
+    for mode in [FailureMode::FailClosed, FailureMode::FailOpen] {
+        // Persistent: every write is fsynced before Redis acknowledges it.
+        let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        let store = RedisStore::new(server.pool());
+        let layer = IdempotencyLayer::new(store.clone())
+            .with_failure_mode(mode)
+            .with_store_timeout(Duration::from_millis(300))
+            .unwrap();
+        let (app, gate, calls) = gated(&layer);
+        let running = tokio::spawn({
+            let app = app.clone();
+            async move { send(&app, hold("mid-request")).await }
+        });
+        gate.entered(1).await;
+        server.crash();
+        gate.open(1);
+        // The handler finished while Redis was down: its client still gets
+        // the answer, and the completion is retried in the background.
+        let first = running.await.unwrap();
+        assert_eq!(first.status, 201, "{mode:?}");
+
+        // While Redis is down, new keys take the configured path.
+        let during = send(&app, post(Some("during-outage"), "")).await;
+        let expected = if mode == FailureMode::FailClosed { 503 } else { 201 };
+        assert_eq!(during.status, expected, "{mode:?}");
+
+        // An outage of a second and a half (the fault under test), then Redis
+        // comes back with its data, the claim among it. The completion,
+        // retried all along, lands, and a retry of the request gets the
+        // replay instead of running a second time.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.start_again();
+        let waiting = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+        let (retry_app, retry_calls) = counting(&waiting);
+        let mut retry = send(&retry_app, hold("mid-request")).await;
+        for _ in 0..5 {
+            if retry.status != 503 {
+                break;
+            }
+            // The first call after the restart finds the old connection broken.
+            retry = send(&retry_app, hold("mid-request")).await;
+        }
+        assert_eq!((&retry.body, retry.replayed()), (&first.body, true), "{mode:?}");
+        assert_eq!(retry_calls.get(), 0, "{mode:?}: the request ran once, before the crash");
+        let executed_before_outage = 1;
+        let unguarded = usize::from(mode == FailureMode::FailOpen);
+        assert_eq!(calls.get(), executed_before_outage + unguarded, "{mode:?}");
+    }
+}

@@ -93,9 +93,11 @@ impl RedisServer {
         ];
         args.extend(self.extra.iter().cloned());
         // The watchdog: runs redis-server, and kills it once stdin closes.
-        // It also removes the scratch directory, which statics never drop.
+        // It also removes the scratch directory, which statics never drop,
+        // unless a crash asked to keep the data for a start again.
         std::fs::create_dir_all(&self.dir).unwrap();
-        let script = r#"redis-server "$@" & pid=$!; read _unused; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$SCRATCH""#;
+        let script = r#"redis-server "$@" & pid=$!; read _unused; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null;
+            if [ -e "$SCRATCH/keep" ]; then rm -f "$SCRATCH/keep"; else rm -rf "$SCRATCH"; fi"#;
         let mut child = Command::new("sh")
             .env("SCRATCH", &self.dir)
             .arg("-c")
@@ -138,6 +140,18 @@ impl RedisServer {
         while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Kills the server with SIGKILL, keeping its data directory (and so
+    /// its append-only file, for a server started with one).
+    pub fn crash(&mut self) {
+        std::fs::write(self.dir.join("keep"), b"").unwrap();
+        self.stop();
+    }
+
+    /// Starts a crashed server again on its port, from its data.
+    pub fn start_again(&mut self) {
+        assert!(self.spawn(), "redis-server did not start again on port {}", self.port);
     }
 
     /// Starts the server again on the same port, empty.
