@@ -492,3 +492,50 @@ async fn redis_killed_mid_request_and_back_with_its_data_loses_no_outcome() {
         assert_eq!(calls.get(), executed_before_outage + unguarded, "{mode:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_leaks_no_tasks_or_connections() {
+    let server = RedisServer::start();
+    let proxy = StallingProxy::start(server.port).await;
+    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let layer = IdempotencyLayer::redis(pool).with_store_timeout(Duration::from_millis(100)).unwrap();
+    let (app, _) = counting(&layer);
+    assert_eq!(send(&app, post(Some("warm"), "")).await.status, 201);
+    let clients = || -> u64 {
+        let info = server.command(&["INFO", "clients"]);
+        info.lines().find_map(|l| l.strip_prefix("connected_clients:")).unwrap().trim().parse().unwrap()
+    };
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let (clients_before, tasks_before) = (clients(), tasks());
+
+    proxy.stalled.store(true, Ordering::SeqCst);
+    let stalled: Vec<_> = (0..20)
+        .map(|n| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, post(Some(&format!("stalled-{n}")), "")).await.status })
+        })
+        .collect();
+    for request in stalled {
+        assert_eq!(request.await.unwrap(), 503);
+    }
+    proxy.stalled.store(false, Ordering::SeqCst);
+    let mut status = 0;
+    for _ in 0..10 {
+        status = send(&app, post(Some("after"), "")).await.status.as_u16();
+        if status == 201 {
+            break;
+        }
+    }
+    assert_eq!(status, 201);
+
+    // The claims cut off by the timeout finish on their own and release;
+    // then everything is back where it was.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (clients() > clients_before || tasks() > tasks_before) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(clients() <= clients_before, "Redis connections: {} before, {} after", clients_before, clients());
+    assert!(tasks() <= tasks_before, "tasks: {tasks_before} before, {} after", tasks());
+}
