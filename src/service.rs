@@ -406,8 +406,14 @@ async fn execute_detached<S, St, B, ResB>(
     let mut early_len = 0;
     let mut ended = false;
     while early_len <= EAGER_LIMIT {
-        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> =
-            poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))).await;
+        let polled: Result<Poll<Option<Result<Frame<Bytes>, BoxError>>>, _> =
+            CatchUnwind { future: poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))) }.await;
+        let Ok(polled) = polled else {
+            // The body panicked before anything was sent: release, then
+            // drop `answer` (a 500).
+            claim.release().await;
+            return;
+        };
         match polled {
             Poll::Pending => break,
             Poll::Ready(Some(Ok(frame))) => {
@@ -455,7 +461,13 @@ async fn execute_detached<S, St, B, ResB>(
     let head = Response::from_parts(parts, ResponseBody::streamed(early, client_frames));
     let mut client = answer.send(Ok(head)).is_ok().then_some(frames);
     loop {
-        let frame = claim.alive(body.frame()).await;
+        let Ok(frame) = CatchUnwind { future: claim.alive(body.frame()) }.await else {
+            // The body panicked midway: release the key before the client
+            // sees its response break, so its retry runs.
+            claim.release().await;
+            claim.send(&mut client, Message::Error("the response body panicked".into())).await;
+            return;
+        };
         let frame = frame.map(|frame| frame.map_err(Into::<BoxError>::into));
         match frame {
             Some(Ok(frame)) => {

@@ -1082,3 +1082,36 @@ async fn a_claim_whose_client_left_is_given_back() {
     assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
     assert_eq!(calls.get(), 1);
 }
+
+/// A body that sends `before` chunks (pausing after each), then panics.
+fn panicking_body(before: usize) -> TestBody {
+    let frames = stream::iter(0..=before).then(move |i| async move {
+        assert!(i < before, "response body bug");
+        tokio::task::yield_now().await;
+        Ok::<_, std::io::Error>(Frame::data(Bytes::from("part ")))
+    });
+    BodyExt::boxed(StreamBody::new(frames))
+}
+
+#[tokio::test]
+async fn a_body_that_panics_releases_the_key_before_the_client_sees_it_fail() {
+    for before in [0, 2] {
+        // A slow release: the client must still hear of the failure after it.
+        let layer = IdempotencyLayer::new(Slowed { release: Duration::from_millis(100), ..Slowed::default() });
+        let calls = Calls::default();
+        let counter = calls.clone();
+        let app = app(&layer, move |_| {
+            let n = counter.bump();
+            async move { if n == 1 { Response::new(panicking_body(before)) } else { respond(201, "second try") } }
+        });
+        let response = app.clone().oneshot(post(KEY, "a")).await.unwrap();
+        if before == 0 {
+            assert_eq!(response.status(), 500, "nothing was sent: a 500");
+        } else {
+            assert!(response.into_body().collect().await.is_err(), "the streamed body breaks");
+        }
+        let retry = send(&app, post(KEY, "a")).await;
+        assert_eq!((retry.status.as_u16(), &retry.body[..]), (201, &b"second try"[..]), "panic after {before} chunks");
+        assert_eq!(calls.get(), 2);
+    }
+}
