@@ -358,6 +358,7 @@ impl<St: Store> Guarded<St> {
 }
 
 type Answer<ResB, E> = oneshot::Sender<Result<Response<ResponseBody<ResB>>, E>>;
+type FrameResult = Result<Frame<Bytes>, BoxError>;
 
 /// The task that runs the inner service, records its response while it
 /// streams to the client, and completes or releases the claim. It runs to the
@@ -406,7 +407,7 @@ async fn execute_detached<S, St, B, ResB>(
     let mut early_len = 0;
     let mut ended = false;
     while early_len <= EAGER_LIMIT {
-        let polled: Result<Poll<Option<Result<Frame<Bytes>, BoxError>>>, _> =
+        let polled: Result<Poll<Option<FrameResult>>, _> =
             CatchUnwind { future: poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))) }.await;
         let Ok(polled) = polled else {
             // The body panicked before anything was sent: release, then
