@@ -539,3 +539,63 @@ async fn a_stall_leaks_no_tasks_or_connections() {
     assert!(clients() <= clients_before, "Redis connections: {} before, {} after", clients_before, clients());
     assert!(tasks() <= tasks_before, "tasks: {tasks_before} before, {} after", tasks());
 }
+
+/// A primary with one replica, an app on the primary (WAIT for `replicas`),
+/// and a failover: the primary dies, the replica is promoted, and a second
+/// app on it gets the retry. Replication runs through a proxy that holds
+/// everything during the request when `lagging`, and never delivers it.
+/// Returns the retry's answer and the executions in all.
+async fn failover(replicas: u32, lagging: bool) -> (Answer, usize) {
+    let mut primary = RedisServer::start();
+    let link = StallingProxy::start(primary.port).await;
+    let port = link.port;
+    let replica = tokio::task::spawn_blocking(move || RedisServer::replica_of_port(port)).await.unwrap();
+    let store = RedisStore::new(primary.pool()).with_replicas(replicas, Duration::from_millis(300));
+    let (app, calls) = counting(&IdempotencyLayer::new(store));
+    link.stalled.store(lagging, Ordering::SeqCst);
+    let first = send(&app, post(KEY, "a")).await;
+    primary.crash();
+    replica.command(&["REPLICAOF", "NO", "ONE"]);
+    // The retry reaches an app on the promoted replica.
+    let promoted = RedisStore::new(replica.pool());
+    let counter = calls.clone();
+    let after = app_with(&IdempotencyLayer::new(promoted), counter);
+    let retry = send(&after, post(KEY, "a")).await;
+    if first.status == 201 && retry.status == 201 && !retry.replayed() {
+        assert_ne!(retry.body, first.body, "a second execution");
+    }
+    (retry, calls.get())
+}
+
+/// The counting handler of `common::counting`, on an existing counter.
+fn app_with<St: tower_idempotency::Store + Clone>(layer: &IdempotencyLayer<St>, calls: Calls) -> App {
+    app(layer, move |_| {
+        let n = calls.bump();
+        async move { respond(201, format!("{{\"call\":{n}}}")) }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_a_completed_record_survives_failover() {
+    let (retry, executions) = failover(1, false).await;
+    assert!(retry.replayed(), "the record reached the replica before the client had its answer");
+    assert_eq!(executions, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wait_a_lagging_replica_loses_the_record_and_the_retry_runs_again() {
+    // What WAIT protects against: the write was acknowledged by the
+    // primary alone, then lost with it.
+    let (retry, executions) = failover(0, true).await;
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
+    assert_eq!(executions, 2, "one order, two charges");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_a_lagging_replica_refuses_the_request_instead() {
+    let (retry, executions) = failover(1, true).await;
+    // The first request was refused (503) before anything ran; the retry on
+    // the promoted replica is its first execution.
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
+    assert_eq!(executions, 1);
+}

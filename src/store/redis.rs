@@ -273,6 +273,17 @@ impl<P: RedisPool> RedisStore<P> {
     /// given up again first, so nothing runs on a claim a failover could
     /// lose.
     ///
+    /// What it changes on failover (a primary lost, a replica promoted):
+    /// without it, a record the primary acknowledged but had not yet
+    /// replicated is lost with the primary, and the client's retry runs the
+    /// request a second time. With it, every claim and every replayed
+    /// response the client saw is on `replicas` replicas first; a lagging
+    /// replica makes requests fail (503 when failing closed) instead of
+    /// risking a second execution. (`WAIT` is not consensus: a promoted
+    /// replica that was not among those that acknowledged can still lack a
+    /// record. Promote the most up-to-date replica, as Sentinel and Cluster
+    /// do.)
+    ///
     /// # Example
     /// ```
     /// # use std::time::Duration;

@@ -65,7 +65,13 @@ impl RedisServer {
 
     /// A replica of `primary`.
     pub fn replica_of(primary: &RedisServer) -> Self {
-        let port = primary.port.to_string();
+        Self::replica_of_port(primary.port)
+    }
+
+    /// A replica of whatever listens on `port` (a primary, or a proxy in
+    /// front of one).
+    pub fn replica_of_port(port: u16) -> Self {
+        let port = port.to_string();
         let replica = Self::start_with(&["--replicaof", "127.0.0.1", &port]);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !replica.command(&["INFO", "replication"]).contains("master_link_status:up") {
