@@ -1115,3 +1115,21 @@ async fn a_body_that_panics_releases_the_key_before_the_client_sees_it_fail() {
         assert_eq!(calls.get(), 2);
     }
 }
+
+#[tokio::test]
+async fn a_panic_in_user_code_before_the_claim_leaves_nothing_claimed() {
+    use futures_util::FutureExt;
+
+    let calls = Calls::default();
+    let scope_calls = calls.clone();
+    let layer = IdempotencyLayer::memory().with_scope(move |_: &http::request::Parts| {
+        assert!(scope_calls.bump() > 1, "scope function bug");
+        Some(tower_idempotency::Scope::anonymous())
+    });
+    let (app, executions) = counting(&layer);
+    let crashed = std::panic::AssertUnwindSafe(app.clone().oneshot(post(KEY, "a"))).catch_unwind().await;
+    assert!(crashed.is_err(), "the panic reaches the server, as any handler panic would");
+    let retry = send(&app, post(KEY, "a")).await;
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false), "nothing was left claimed");
+    assert_eq!(executions.get(), 1);
+}

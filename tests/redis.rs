@@ -599,3 +599,17 @@ async fn with_wait_a_lagging_replica_refuses_the_request_instead() {
     assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
     assert_eq!(executions, 1);
 }
+
+#[tokio::test]
+async fn keys_never_reach_redis_key_names() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool()).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
+    let (app, _) = counting(&layer);
+    for key in ["secret-order-key-42", "\"secret-quoted\"", "SECRET-UPPER"] {
+        send(&app, post(Some(key), "a")).await;
+        send(&app, post(Some(key), "a")).await;
+    }
+    let names = server.command(&["KEYS", "*"]).to_lowercase();
+    assert!(names.contains("idem:"), "the records are there: {names}");
+    assert!(!names.contains("secret"), "a key reached Redis in the clear: {names}");
+}
