@@ -365,26 +365,17 @@ async fn wait_for_replicas_and_fail_when_the_replica_is_down() {
 async fn waiting_duplicates_block_instead_of_polling() {
     let server = RedisServer::start();
     let layer = IdempotencyLayer::redis(server.pool()).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
-    let gate = Gate::default();
-    let calls = Calls::default();
-    let (held, counter) = (gate.clone(), calls.clone());
-    let app = app(&layer, move |_| {
-        let (held, n) = (held.clone(), counter.bump());
-        async move {
-            held.pass().await;
-            respond(201, format!("call {n}"))
-        }
-    });
+    let (app, gate, calls) = gated(&layer);
     let first = tokio::spawn({
         let app = app.clone();
-        async move { send(&app, post(KEY, "a")).await }
+        async move { send(&app, hold("waited-on")).await }
     });
     gate.entered(1).await;
     let before = server.calls("evalsha") + server.calls("eval");
     let waiters: Vec<_> = (0..8)
         .map(|_| {
             let app = app.clone();
-            tokio::spawn(async move { send(&app, post(KEY, "a")).await })
+            tokio::spawn(async move { send(&app, hold("waited-on")).await })
         })
         .collect();
     // Hold the first request for a second while eight duplicates wait.
