@@ -412,7 +412,7 @@ async fn execute_detached<S, St, B, ResB>(
         let Ok(polled) = polled else {
             // The body panicked before anything was sent: release, then
             // drop `answer` (a 500).
-            claim.release().await;
+            claim.body_panicked().await;
             return;
         };
         match polled {
@@ -465,7 +465,7 @@ async fn execute_detached<S, St, B, ResB>(
         let Ok(frame) = CatchUnwind { future: claim.alive(body.frame()) }.await else {
             // The body panicked midway: release the key before the client
             // sees its response break, so its retry runs.
-            claim.release().await;
+            claim.body_panicked().await;
             claim.send(&mut client, Message::Error("the response body panicked".into())).await;
             return;
         };
@@ -663,6 +663,11 @@ impl<St: Store> Execution<St> {
     async fn fail(&mut self) -> Option<Record> {
         let record = Record::not_stored(self.fingerprint, NotStored::BodyFailed);
         self.settle(Settlement::Complete(record)).await
+    }
+
+    async fn body_panicked(&mut self) {
+        tracing::error!(key = %self.id, "the response body panicked: its idempotency key is released");
+        self.release().await;
     }
 
     async fn release(&mut self) {
