@@ -1,0 +1,176 @@
+//! Per-component benchmarks: key parsing, fingerprinting, record encoding,
+//! the memory store, and the whole layer over a trivial `service_fn` for each
+//! outcome (no network), beside the bare service as the baseline.
+//!
+//! `cargo bench --bench components` (add a filter, e.g. `-- layer/`).
+
+use std::{convert::Infallible, hint::black_box, time::Duration};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::{
+    Fingerprint, IdempotencyKey, IdempotencyLayer, Record, RecordId, RequestBody, Scope, StoredResponse,
+    store::{Claim, ClaimRequest, MemoryStore, Store},
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn key_parsing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key");
+    group.bench_function("bare", |b| b.iter(|| IdempotencyKey::parse(black_box(b"4f7d8c2e-order-1234567"))));
+    group.bench_function("quoted", |b| b.iter(|| IdempotencyKey::parse(black_box(br#""4f7d8c2e-order-1234567""#))));
+    let key: IdempotencyKey = "4f7d8c2e-order-1234567".parse().unwrap();
+    let scope = Scope::hashed(b"Bearer sk_test_1");
+    group.bench_function("record_id", |b| b.iter(|| RecordId::new("", black_box(&scope), black_box(&key))));
+    group.finish();
+}
+
+fn fingerprinting(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint");
+    let (parts, ()) = Request::post("/v1/charges?expand=customer")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts();
+    for size in [1024usize, 64 * 1024] {
+        let body = vec![b'x'; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| Fingerprint::of(&parts, &[http::header::CONTENT_TYPE], black_box(body)))
+        });
+    }
+    group.finish();
+}
+
+fn sample_record(body: usize) -> Record {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("request-id", "req_8d7f6e5d4c3b2a19".parse().unwrap());
+    let response = StoredResponse::new(StatusCode::OK, headers, Bytes::from(vec![b'x'; body]), None);
+    Record::new(Fingerprint::from_bytes([7; 32]), response)
+}
+
+fn records(c: &mut Criterion) {
+    let mut group = c.benchmark_group("record");
+    for size in [1024usize, 64 * 1024] {
+        let record = sample_record(size);
+        let encoded = record.encode();
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::new("encode", size), &record, |b, record| b.iter(|| record.encode()));
+        group.bench_with_input(BenchmarkId::new("decode", size), &encoded, |b, encoded| {
+            b.iter(|| Record::decode(encoded.clone()).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn memory_store(c: &mut Criterion) {
+    let runtime = runtime();
+    let mut group = c.benchmark_group("memory_store");
+    let store = MemoryStore::with_limits(10_000_000, usize::MAX);
+    let record = sample_record(1024);
+    let mut n = 0u64;
+    group.bench_function("claim_complete", |b| {
+        b.to_async(&runtime).iter(|| {
+            n += 1;
+            let id = RecordId::from_bytes(id_bytes(n));
+            let (store, record) = (&store, record.clone());
+            async move {
+                let request = ClaimRequest::new(id, Fingerprint::from_bytes([7; 32]), Duration::from_secs(30));
+                let Ok(Claim::Acquired(lease)) = store.claim(request).await else { panic!("claimed") };
+                store.complete(&id, lease.owner(), record, Duration::from_secs(3600)).await.unwrap();
+            }
+        })
+    });
+    let hot = RecordId::from_bytes(id_bytes(u64::MAX));
+    runtime.block_on(async {
+        let request = ClaimRequest::new(hot, Fingerprint::from_bytes([7; 32]), Duration::from_secs(30));
+        let Ok(Claim::Acquired(lease)) = store.claim(request).await else { panic!("claimed") };
+        store.complete(&hot, lease.owner(), record.clone(), Duration::from_secs(3600)).await.unwrap();
+    });
+    group.bench_function("replay_claim", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let request = ClaimRequest::new(hot, Fingerprint::from_bytes([7; 32]), Duration::from_secs(30));
+            black_box(store.claim(request).await.unwrap())
+        })
+    });
+    group.finish();
+}
+
+fn id_bytes(n: u64) -> [u8; 32] {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+    bytes[8..16].copy_from_slice(&n.to_be_bytes());
+    bytes
+}
+
+/// The trivial handler, for the layer's request body or the plain one.
+fn handler<B: Send + 'static>()
+-> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(|_: Request<B>| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(br#"{"id":"ch_1","amount":500}"#)));
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        Ok::<_, Infallible>(response)
+    })
+}
+
+fn request(key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut builder = Request::post("/v1/charges")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", "Bearer sk_test_1");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Full::new(Bytes::from_static(b"amount=500&currency=usd&source=tok_visa"))).unwrap()
+}
+
+/// One request through a clone of `service`, as servers clone a service per
+/// request; the body read to its end.
+async fn drive<S, B>(mut service: S, request: Request<Full<Bytes>>)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let response = service.ready().await.unwrap().call(request).await.unwrap();
+    black_box(response.into_body().collect().await.unwrap());
+}
+
+fn layer(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("layer");
+    let bare = handler::<Full<Bytes>>();
+    group.bench_function("bare_service", |b| b.to_async(&runtime).iter(|| drive(bare.clone(), request(None))));
+
+    let idempotency = IdempotencyLayer::new(MemoryStore::with_limits(10_000_000, usize::MAX));
+    let guarded = idempotency.layer(handler::<RequestBody<Full<Bytes>>>());
+    group.bench_function("passthrough_no_key", |b| b.to_async(&runtime).iter(|| drive(guarded.clone(), request(None))));
+
+    let mut n = 0u64;
+    group.bench_function("first_execution", |b| {
+        b.to_async(&runtime).iter(|| {
+            n += 1;
+            let key = format!("fresh-{n}");
+            drive(guarded.clone(), request(Some(&key)))
+        })
+    });
+    runtime.block_on(drive(guarded.clone(), request(Some("hot-key"))));
+    group.bench_function("replay", |b| b.to_async(&runtime).iter(|| drive(guarded.clone(), request(Some("hot-key")))));
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = key_parsing, fingerprinting, records, memory_store, layer
+}
+criterion_main!(benches);
