@@ -140,20 +140,14 @@ fn streaming_body(chunks: &[&'static str], trailers: Option<HeaderMap>) -> TestB
 #[tokio::test]
 async fn multi_chunk_bodies_and_trailers_replay_identically() {
     let layer = IdempotencyLayer::memory();
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
-        async {
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", "0".parse().unwrap());
-            trailers.insert("x-checksum", "abc".parse().unwrap());
-            let mut response =
-                Response::new(streaming_body(&["part one, ", "part two, ", "part three"], Some(trailers)));
-            response.headers_mut().append("set-cookie", "a=1".parse().unwrap());
-            response.headers_mut().append("set-cookie", "b=2".parse().unwrap());
-            response
-        }
+    let (app, calls) = counted(&layer, move |_, _| async {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let mut response = Response::new(streaming_body(&["part one, ", "part two, ", "part three"], Some(trailers)));
+        response.headers_mut().append("set-cookie", "a=1".parse().unwrap());
+        response.headers_mut().append("set-cookie", "b=2".parse().unwrap());
+        response
     });
     let first = send(&app, post(KEY, "x")).await;
     let second = send(&app, post(KEY, "x")).await;
@@ -475,12 +469,7 @@ async fn rerun_strategy_runs_a_finished_key_again_with_a_higher_fencing_token() 
 
 /// Answers each call with the next status of `statuses`.
 fn scripted(layer: &IdempotencyLayer, statuses: &'static [u16]) -> (App, Calls) {
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(layer, move |_| {
-        let n = counter.bump();
-        async move { respond(statuses[n - 1], format!("call {n}")) }
-    });
+    let (app, calls) = counted(layer, move |n, _| async move { respond(statuses[n - 1], format!("call {n}")) });
     (app, calls)
 }
 
@@ -519,10 +508,7 @@ async fn storage_predicate_is_configurable() {
 #[tokio::test]
 async fn handler_can_overrule_the_storage_decision() {
     let layer = IdempotencyLayer::memory();
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |request: HandlerRequest| {
-        let n = counter.bump();
+    let (app, calls) = counted(&layer, move |n, request: HandlerRequest| {
         let path = request.uri().path().to_owned();
         async move {
             let (status, verdict) =
@@ -544,10 +530,7 @@ async fn handler_can_overrule_the_storage_decision() {
 #[tokio::test]
 async fn grpc_status_in_trailers_decides_storage() {
     let layer = IdempotencyLayer::memory();
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        let n = counter.bump();
+    let (app, calls) = counted(&layer, move |n, _| {
         async move {
             let code = if n == 1 { "14" } else { "0" }; // UNAVAILABLE, then OK
             let mut trailers = HeaderMap::new();
@@ -658,12 +641,8 @@ async fn failing_request_body_is_400() {
 #[tokio::test]
 async fn response_over_the_storage_cap_is_delivered_once_and_never_rerun() {
     let layer = IdempotencyLayer::memory().with_response_limit(10);
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
-        async { Response::new(streaming_body(&["0123456789", "abcdef"], None)) }
-    });
+    let (app, calls) =
+        counted(&layer, move |_, _| async { Response::new(streaming_body(&["0123456789", "abcdef"], None)) });
     let first = send(&app, post(KEY, "a")).await;
     assert_eq!(first.body, "0123456789abcdef", "delivered in full");
     let duplicate = send(&app, post(KEY, "a")).await;
@@ -674,21 +653,14 @@ async fn response_over_the_storage_cap_is_delivered_once_and_never_rerun() {
 #[tokio::test]
 async fn a_response_body_that_fails_midway_is_never_rerun() {
     let layer = IdempotencyLayer::memory();
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
-        async {
-            let frames = stream::iter(vec![
-                Ok(Frame::data(Bytes::from("partial"))),
-                Err(std::io::Error::other("upstream reset")),
-            ])
-            .then(|frame: Result<Frame<Bytes>, std::io::Error>| async move {
-                tokio::task::yield_now().await;
-                frame
-            });
-            Response::new(BodyExt::boxed(StreamBody::new(frames)))
-        }
+    let (app, calls) = counted(&layer, move |_, _| async {
+        let frames =
+            stream::iter(vec![Ok(Frame::data(Bytes::from("partial"))), Err(std::io::Error::other("upstream reset"))])
+                .then(|frame: Result<Frame<Bytes>, std::io::Error>| async move {
+                    tokio::task::yield_now().await;
+                    frame
+                });
+        Response::new(BodyExt::boxed(StreamBody::new(frames)))
     });
     let response = app.clone().oneshot(post(KEY, "a")).await.unwrap();
     assert!(response.into_body().collect().await.is_err(), "the client sees the failure");
@@ -702,16 +674,11 @@ async fn a_response_body_that_fails_midway_is_never_rerun() {
 async fn panicking_handler_gives_500_and_releases_the_key() {
     // A slow release: the 500 must still wait for it.
     let layer = IdempotencyLayer::new(Slowed { release: Duration::from_millis(100), ..Slowed::default() });
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        let n = counter.bump();
-        async move {
-            if n == 1 {
-                panic!("handler bug");
-            }
-            respond(201, "second try")
+    let (app, calls) = counted(&layer, move |n, _| async move {
+        if n == 1 {
+            panic!("handler bug");
         }
+        respond(201, "second try")
     });
     let crashed = send(&app, post(KEY, "a")).await;
     assert_eq!((crashed.status.as_u16(), crashed.problem().as_str()), (500, "handler-panicked"));
@@ -739,10 +706,7 @@ async fn client_disconnect_mid_stream_still_records_the_whole_body() {
     let layer = IdempotencyLayer::memory().with_in_flight(InFlightPolicy::Wait(Duration::from_secs(30)));
     let (chunks, rx) = mpsc::channel::<&'static str>(4);
     let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
+    let (app, calls) = counted(&layer, move |_, _| {
         let rx = rx.lock().unwrap().take().expect("one execution");
         async move {
             let frames = stream::unfold(rx, |mut rx| async move {
@@ -771,12 +735,7 @@ async fn a_client_that_read_the_whole_stream_gets_the_replay_at_once() {
     // The end of a streamed body is held back until the record is stored,
     // so this duplicate can never see 409.
     let layer = IdempotencyLayer::memory();
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
-        async { Response::new(streaming_body(&["a", "b", "c"], None)) }
-    });
+    let (app, calls) = counted(&layer, move |_, _| async { Response::new(streaming_body(&["a", "b", "c"], None)) });
     for round in 0..50 {
         let key = format!("k{round}");
         let request = || Request::post("/").header("idempotency-key", key.as_str()).body(Full::default()).unwrap();
@@ -893,16 +852,11 @@ async fn grpc_requests_get_grpc_statuses_not_problem_json() {
 /// A handler that takes `first_takes` on its first call and answers at once
 /// after that.
 fn slow_first(layer: &IdempotencyLayer, first_takes: Duration) -> (App, Calls) {
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(layer, move |_| {
-        let n = counter.bump();
-        async move {
-            if n == 1 {
-                tokio::time::sleep(first_takes).await;
-            }
-            respond(201, format!("call {n}"))
+    let (app, calls) = counted(layer, move |n, _| async move {
+        if n == 1 {
+            tokio::time::sleep(first_takes).await;
         }
+        respond(201, format!("call {n}"))
     });
     (app, calls)
 }
@@ -942,10 +896,7 @@ async fn renewal_stops_at_the_lease_ceiling() {
 async fn a_large_body_that_is_ready_at_once_still_streams_and_replays_whole() {
     let layer = IdempotencyLayer::memory();
     let (app, calls) = {
-        let calls = Calls::default();
-        let counter = calls.clone();
-        let app = app(&layer, move |_| {
-            counter.bump();
+        let (app, calls) = counted(&layer, move |_, _| {
             async {
                 // 200 chunks of 1 KiB, never pending: more than is gathered
                 // before the head goes out.
@@ -965,12 +916,7 @@ async fn a_large_body_that_is_ready_at_once_still_streams_and_replays_whole() {
 #[tokio::test]
 async fn a_response_too_big_for_a_full_store_is_never_rerun() {
     let layer = IdempotencyLayer::new(MemoryStore::with_limits(10, 2_000));
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |_| {
-        counter.bump();
-        async { respond(201, vec![b'x'; 5_000]) }
-    });
+    let (app, calls) = counted(&layer, move |_, _| async { respond(201, vec![b'x'; 5_000]) });
     assert_eq!(send(&app, post(KEY, "a")).await.body.len(), 5_000);
     let duplicate = send(&app, post(KEY, "a")).await;
     assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (410, "response-not-stored"));
@@ -1098,11 +1044,8 @@ async fn a_body_that_panics_releases_the_key_before_the_client_sees_it_fail() {
     for before in [0, 2] {
         // A slow release: the client must still hear of the failure after it.
         let layer = IdempotencyLayer::new(Slowed { release: Duration::from_millis(100), ..Slowed::default() });
-        let calls = Calls::default();
-        let counter = calls.clone();
-        let app = app(&layer, move |_| {
-            let n = counter.bump();
-            async move { if n == 1 { Response::new(panicking_body(before)) } else { respond(201, "second try") } }
+        let (app, calls) = counted(&layer, move |n, _| async move {
+            if n == 1 { Response::new(panicking_body(before)) } else { respond(201, "second try") }
         });
         let response = app.clone().oneshot(post(KEY, "a")).await.unwrap();
         if before == 0 {

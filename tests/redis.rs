@@ -282,10 +282,7 @@ async fn a_stale_owner_cannot_overwrite_the_record_of_the_owner_after_it() {
     let gate = Gate::default();
     let tokens = Arc::new(Mutex::new(Vec::new()));
     let (held, seen) = (gate.clone(), tokens.clone());
-    let calls = Calls::default();
-    let counter = calls.clone();
-    let app = app(&layer, move |request: HandlerRequest| {
-        let n = counter.bump();
+    let (app, _) = counted(&layer, move |n, request: HandlerRequest| {
         let context = request.extensions().get::<tower_idempotency::IdempotencyContext>().cloned().unwrap();
         seen.lock().unwrap().push(context.fencing_token());
         let held = held.clone();

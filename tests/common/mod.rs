@@ -53,6 +53,19 @@ where
     BoxCloneSyncService::new(layer.layer(inner))
 }
 
+/// Wraps `handler` in `layer`, counting its calls; the handler gets the
+/// call's number, from 1, and the request.
+pub fn counted<St, F, Fut>(layer: &IdempotencyLayer<St>, handler: F) -> (App, Calls)
+where
+    St: Store + Clone,
+    F: Fn(usize, HandlerRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let calls = Calls::default();
+    let counter = calls.clone();
+    (app(layer, move |request: HandlerRequest| handler(counter.bump(), request)), calls)
+}
+
 /// A handler that counts its calls and answers 201 with a body naming the
 /// call number and echoing the request body.
 pub fn counting<St: Store + Clone>(layer: &IdempotencyLayer<St>) -> (App, Calls) {
