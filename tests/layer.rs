@@ -283,18 +283,24 @@ async fn fingerprinted_headers_are_configurable() {
 
 // ---- in-flight duplicates --------------------------------------------------
 
-/// A layer whose handler waits at a gate, and the first request parked in it.
-async fn parked(layer: IdempotencyLayer) -> (App, Gate, Calls, tokio::task::JoinHandle<Answer>) {
+/// A handler that waits at the returned gate on every call, then answers
+/// 201 `charge {n}`.
+fn held_at_gate(layer: &IdempotencyLayer) -> (App, Gate, Calls) {
     let gate = Gate::default();
-    let calls = Calls::default();
-    let (held, counter) = (gate.clone(), calls.clone());
-    let app = app(&layer, move |_| {
-        let (held, n) = (held.clone(), counter.bump());
+    let held = gate.clone();
+    let (app, calls) = counted(layer, move |n, _| {
+        let held = held.clone();
         async move {
             held.pass().await;
             respond(201, format!("charge {n}"))
         }
     });
+    (app, gate, calls)
+}
+
+/// A layer whose handler waits at a gate, and the first request parked in it.
+async fn parked(layer: IdempotencyLayer) -> (App, Gate, Calls, tokio::task::JoinHandle<Answer>) {
+    let (app, gate, calls) = held_at_gate(&layer);
     let first = tokio::spawn(send_owned(app.clone(), post(KEY, "amount=100")));
     gate.entered(1).await;
     (app, gate, calls, first)
@@ -382,17 +388,7 @@ async fn waiting_duplicate_runs_itself_when_the_first_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_simultaneous_duplicates_execute_once() {
-    let layer = IdempotencyLayer::memory();
-    let gate = Gate::default();
-    let calls = Calls::default();
-    let (held, counter) = (gate.clone(), calls.clone());
-    let app = app(&layer, move |_| {
-        let (held, n) = (held.clone(), counter.bump());
-        async move {
-            held.pass().await;
-            respond(201, format!("charge {n}"))
-        }
-    });
+    let (app, gate, calls) = held_at_gate(&IdempotencyLayer::memory());
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(64));
     let tasks: Vec<_> = (0..64)
         .map(|_| {
