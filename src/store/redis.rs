@@ -475,9 +475,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        let keys = self.keys(id);
+        let key = self.record_key(id);
         let owner = owner_bytes(owner);
-        self.owned(&RENEW, &[&keys.record], &[&owner, &millis(lease)]).await.map(drop)
+        self.owned(&RENEW, &[&key], &[&owner, &millis(lease)]).await.map(drop)
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
