@@ -1,15 +1,20 @@
 //! End-to-end HTTP benchmark: one axum handler served bare, behind the layer
 //! on the memory store, and behind the layer on Redis (a `redis-server` this
 //! benchmark starts on a free loopback port). Each is driven by the same
-//! number of keep-alive connections for the same time, with fresh keys
-//! (first executions) and with 1,000 hot keys (replays). One table: requests
-//! per second, p50/p99, the ratio to bare, CPU per request (this process,
-//! and Redis), and Redis calls per request.
+//! number of keep-alive connections for the same time: fresh keys (first
+//! executions), 1,000 hot keys (replays), and groups of four requests sent at
+//! once with one key (concurrent duplicates). The memory store holds
+//! 1,000,000 completed records before its scenarios start.
 //!
-//! `cargo bench --bench e2e` (10 s a scenario), `-- --quick` (1 s, for CI).
-//! It fails only on correctness: a key that ran twice, or an unexpected
-//! status. Client and server share this process and its two cores, so read
-//! the ratios, which compare like with like, rather than absolute rates.
+//! The scenarios take turns in rounds, so a machine whose speed drifts (a
+//! noisy neighbour) slows them alike; the table sums the rounds. One table:
+//! requests per second, p50/p99, the ratio to bare, CPU per request of the
+//! server's runtime and of Redis, and store calls per request.
+//!
+//! `cargo bench --bench e2e` (10 s a scenario), `-- --quick` (1 s, for CI),
+//! `-- --seconds N --rounds R --held N --only <part of a name> --skip-bare`. It fails
+//! only on correctness: a key that ran twice, a replay that ran, or an
+//! unexpected status; never on timing.
 
 use std::{
     net::SocketAddr,
@@ -23,39 +28,90 @@ use std::{
 
 use axum::{Router, routing::post};
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tower_idempotency::{IdempotencyLayer, Store};
+use tower_idempotency::{
+    Fingerprint, IdempotencyKey, IdempotencyLayer, Record, RecordId, Scope, Store, StoredResponse,
+    store::{Claim, ClaimRequest, MemoryStore, redis::deadpool_redis},
+};
 
+/// Keep-alive connections driving each server, unless `--connections`.
 const CONNECTIONS: usize = 16;
 const HOT_KEYS: u64 = 1_000;
+/// Requests sent at once with one key in the duplicates scenarios.
+const DUPLICATES: u64 = 4;
+/// Names of the server runtime's threads, whose CPU time is the server's.
+const SERVER_THREAD: &str = "server";
+const BODY: &[u8] = b"amount=500&currency=usd&source=tok_visa";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Keys {
     Fresh,
     Hot,
+    Duplicates,
 }
 
-struct Row {
-    name: String,
+struct Options {
+    seconds: f64,
+    rounds: u32,
+    held: u64,
+    only: Option<String>,
+    skip_bare: bool,
+    connections: usize,
+}
+
+impl Options {
+    fn parse() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+        let quick = args.iter().any(|a| a == "--quick");
+        let number = |name: &str, default: f64| value(name).map_or(default, |v| v.parse().expect(name));
+        Self {
+            seconds: number("--seconds", if quick { 1.0 } else { 10.0 }),
+            rounds: number("--rounds", if quick { 2.0 } else { 5.0 }) as u32,
+            held: number("--held", 1_000_000.0) as u64,
+            only: value("--only"),
+            skip_bare: args.iter().any(|a| a == "--skip-bare"),
+            connections: number("--connections", CONNECTIONS as f64) as usize,
+        }
+    }
+}
+
+/// One server under test, and what its rounds measured.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    keys: Keys,
+    redis: bool,
+    executions: Arc<AtomicU64>,
+    /// Requests sent so far, warm-up included: the next request's number.
+    sent: Arc<AtomicU64>,
+    measured: Measured,
+}
+
+#[derive(Default)]
+struct Measured {
     requests: u64,
     seconds: f64,
-    p50: Duration,
-    p99: Duration,
-    cpu_per_request: Duration,
-    redis_cpu_per_request: Option<Duration>,
-    redis_calls_per_request: Option<f64>,
+    latencies: Vec<Duration>,
+    server_cpu: Duration,
+    redis_cpu: Duration,
+    redis_calls: u64,
+    unexpected_statuses: u64,
 }
 
-/// The handler every server runs: counts its executions.
+/// The handler every server runs: counts its executions, reads the body
+/// as a real handler would, and answers a small JSON charge.
 fn router(executions: Arc<AtomicU64>) -> Router {
     Router::new().route(
         "/v1/charges",
-        post(move || {
+        post(move |body: Bytes| {
             let executions = executions.clone();
             async move {
                 let n = executions.fetch_add(1, Ordering::Relaxed);
-                ([("content-type", "application/json")], format!(r#"{{"id":"ch_{n:016x}","amount":500}}"#))
+                let json = format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{}}}"#, body.len());
+                ([("content-type", "application/json")], json)
             }
         }),
     )
@@ -68,12 +124,19 @@ async fn serve(router: Router) -> SocketAddr {
     addr
 }
 
-/// CPU time this process used so far (user + system).
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-    Duration::from_micros(ticks * 10_000)
+/// CPU time (user + system) of this process's threads named `name`.
+fn threads_cpu(name: &str) -> Duration {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        ticks += fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    }
+    Duration::from_millis(ticks * 10)
 }
 
 struct Redis {
@@ -103,6 +166,11 @@ impl Redis {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    fn version(&self) -> String {
+        let info = self.info("server");
+        info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_owned()
+    }
+
     fn cpu(&self) -> Duration {
         let info = self.info("cpu");
         let seconds: f64 = info
@@ -113,12 +181,13 @@ impl Redis {
         Duration::from_secs_f64(seconds)
     }
 
-    /// Round trips the store made: its script calls (commandstats also
-    /// counts the commands scripts run inside, which are not round trips).
+    /// Store calls made: each script call and each transaction (`EXEC`)
+    /// is one. (Commandstats also counts the commands they run inside,
+    /// which are not calls of their own.)
     fn calls(&self) -> u64 {
         self.info("commandstats")
             .lines()
-            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter(|l| ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_exec:"].iter().any(|c| l.starts_with(c)))
             .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
             .sum()
     }
@@ -131,150 +200,235 @@ impl Drop for Redis {
     }
 }
 
-/// Drives `addr` from `CONNECTIONS` keep-alive connections for `length`.
-async fn drive(addr: SocketAddr, keys: Keys, length: Duration, run: u64) -> (u64, Vec<Duration>, bool) {
-    let next = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + length;
-    let tasks: Vec<_> = (0..CONNECTIONS)
+enum Stop {
+    After(Duration),
+    Requests(u64),
+}
+
+/// Drives `target` from `connections` keep-alive connections. Returns the
+/// latencies and how many answers had an unexpected status.
+async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Vec<Duration>, u64) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
         .map(|_| {
-            let next = next.clone();
+            let (addr, keys, sent) = (target.addr, target.keys, target.sent.clone());
+            let (deadline, limit) = match stop {
+                Stop::After(length) => (Some(started + length), None),
+                Stop::Requests(count) => (None, Some(count)),
+            };
             tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
                 let (mut sender, connection) =
                     hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
                 tokio::spawn(connection);
-                let (mut latencies, mut ok) = (Vec::new(), true);
-                while Instant::now() < deadline {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
+                let (mut latencies, mut unexpected) = (Vec::new(), 0);
+                while deadline.is_none_or(|deadline| Instant::now() < deadline) {
+                    // Every number drawn is sent: `sent` counts requests.
+                    let n = match limit {
+                        None => sent.fetch_add(1, Ordering::Relaxed),
+                        Some(limit) => {
+                            match sent
+                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+                            {
+                                Ok(n) => n,
+                                Err(_) => break,
+                            }
+                        }
+                    };
                     let key = match keys {
                         Keys::Fresh => format!("fresh-{run}-{n}"),
                         Keys::Hot => format!("hot-{run}-{}", n % HOT_KEYS),
+                        Keys::Duplicates => format!("dup-{run}-{}", n / DUPLICATES),
                     };
                     let request = http::Request::post("/v1/charges")
                         .header("host", "localhost")
                         .header("idempotency-key", key)
                         .header("content-type", "application/x-www-form-urlencoded")
-                        .body(Full::new(Bytes::from_static(b"amount=500&currency=usd&source=tok_visa")))
+                        .body(Full::new(Bytes::from_static(BODY)))
                         .unwrap();
-                    let sent = Instant::now();
+                    let sent_at = Instant::now();
                     let response = sender.send_request(request).await.unwrap();
-                    ok &= response.status() == 200;
+                    let status = response.status();
                     response.into_body().collect().await.unwrap();
-                    latencies.push(sent.elapsed());
+                    latencies.push(sent_at.elapsed());
+                    let expected =
+                        status == StatusCode::OK || (keys == Keys::Duplicates && status == StatusCode::CONFLICT);
+                    unexpected += u64::from(!expected);
                 }
-                (latencies, ok)
+                (latencies, unexpected)
             })
         })
         .collect();
-    let (mut all, mut ok) = (Vec::new(), true);
+    let (mut all, mut unexpected) = (Vec::new(), 0);
     for task in tasks {
-        let (latencies, fine) = task.await.unwrap();
+        let (latencies, wrong) = task.await.unwrap();
         all.extend(latencies);
-        ok &= fine;
+        unexpected += wrong;
     }
-    (all.len() as u64, all, ok)
+    (all, unexpected)
 }
 
-async fn scenario<St: Store + Clone>(
-    name: &str,
-    layer: Option<IdempotencyLayer<St>>,
-    keys: Keys,
-    length: Duration,
-    redis: Option<&Redis>,
-    run: u64,
-) -> (Row, bool) {
-    let executions = Arc::new(AtomicU64::new(0));
-    let router = router(executions.clone());
-    let router = match layer {
-        Some(layer) => router.layer(layer),
-        None => router,
-    };
-    let addr = serve(router).await;
-    // Warm up the connections and the scripts; for hot keys, this first
-    // run executes them all, so that what is measured are replays.
-    let warm_up = if keys == Keys::Hot { run } else { run + 1 };
-    drive(addr, keys, Duration::from_millis(300), warm_up).await;
-    executions.store(0, Ordering::Relaxed);
-    let (cpu, redis_cpu, redis_calls) = (process_cpu(), redis.map(Redis::cpu), redis.map(Redis::calls));
+/// Whether `target` ran every key exactly as often as it should have.
+fn executions_correct(target: &Target) -> bool {
+    let (executed, sent) = (target.executions.load(Ordering::Relaxed), target.sent.load(Ordering::Relaxed));
+    match (target.name.starts_with("bare"), target.keys) {
+        (true, _) | (false, Keys::Fresh) => executed == sent,
+        (false, Keys::Hot) => executed == HOT_KEYS,
+        (false, Keys::Duplicates) => executed == sent.div_ceil(DUPLICATES),
+    }
+}
+
+/// Fills `store` with `count` completed records, as a long-running
+/// service's store holds them.
+async fn hold(store: &MemoryStore, count: u64) {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    for n in 0..count {
+        let key = IdempotencyKey::parse(format!("held-{n}").as_bytes()).unwrap();
+        let id = RecordId::new("", &Scope::anonymous(), &key);
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        let claim = store.claim(ClaimRequest::new(id, fingerprint, Duration::from_secs(30))).await.unwrap();
+        let Claim::Acquired(lease) = claim else { panic!("held key {n} was not new") };
+        let body = Bytes::from(format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":39}}"#));
+        let record = Record::new(fingerprint, StoredResponse::new(StatusCode::OK, headers.clone(), body, None));
+        store.complete(&id, lease.owner(), record, Duration::from_secs(86_400)).await.unwrap();
+    }
+}
+
+/// Drives one round of `target` and adds what it measured.
+async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, connections: usize) {
+    let (server_cpu, redis_cpu, redis_calls) = (threads_cpu(SERVER_THREAD), redis.cpu(), redis.calls());
     let started = Instant::now();
-    let (requests, mut latencies, statuses_ok) = drive(addr, keys, length, run).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let per = |d: Duration| d / requests.max(1) as u32;
-    latencies.sort();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
-    let executed = executions.load(Ordering::Relaxed);
-    // Fresh keys: every request one execution; hot keys: each key ran in
-    // the warm-up, so measured requests are replays; bare: all execute.
-    let correct = statuses_ok
-        && match (name.starts_with("bare"), keys) {
-            (true, _) | (false, Keys::Fresh) => executed == requests,
-            (false, Keys::Hot) => executed == 0,
-        };
-    let row = Row {
-        name: name.to_owned(),
-        requests,
-        seconds,
-        p50: at(0.50),
-        p99: at(0.99),
-        cpu_per_request: per(process_cpu().saturating_sub(cpu)),
-        redis_cpu_per_request: redis.zip(redis_cpu).map(|(r, before)| per(r.cpu().saturating_sub(before))),
-        redis_calls_per_request: redis
-            .zip(redis_calls)
-            .map(|(r, before)| (r.calls() - before) as f64 / requests as f64),
-    };
-    (row, correct)
+    let (latencies, unexpected) = drive(target, Stop::After(length), run, connections).await;
+    let measured = &mut target.measured;
+    measured.seconds += started.elapsed().as_secs_f64();
+    measured.requests += latencies.len() as u64;
+    measured.latencies.extend(latencies);
+    measured.unexpected_statuses += unexpected;
+    measured.server_cpu += threads_cpu(SERVER_THREAD).saturating_sub(server_cpu);
+    if target.redis {
+        measured.redis_cpu += redis.cpu().saturating_sub(redis_cpu);
+        measured.redis_calls += redis.calls() - redis_calls;
+    }
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let length = if quick { Duration::from_secs(1) } else { Duration::from_secs(10) };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let options = Options::parse();
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(SERVER_THREAD)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let redis = Redis::start();
     let url = format!("redis://127.0.0.1:{}", redis.port);
-    let run = process_cpu().as_nanos() as u64 ^ std::process::id() as u64;
-    let (rows, ok) = runtime.block_on(async {
-        let pool = || {
-            tower_idempotency::store::redis::deadpool_redis::Config::from_url(url.as_str())
-                .create_pool(Some(tower_idempotency::store::redis::deadpool_redis::Runtime::Tokio1))
-                .unwrap()
-        };
-        let memory = || IdempotencyLayer::new(tower_idempotency::store::MemoryStore::with_limits(10_000_000, 8 << 30));
-        let mut results = Vec::new();
-        let none: Option<IdempotencyLayer> = None;
-        results.push(scenario("bare", none, Keys::Fresh, length, None, run).await);
-        results.push(scenario("memory, first executions", Some(memory()), Keys::Fresh, length, None, run).await);
-        results.push(scenario("memory, replays", Some(memory()), Keys::Hot, length, None, run).await);
-        let redis_layer = IdempotencyLayer::redis(pool());
-        results
-            .push(scenario("redis, first executions", Some(redis_layer), Keys::Fresh, length, Some(&redis), run).await);
-        let redis_layer = IdempotencyLayer::redis(pool());
-        results.push(scenario("redis, replays", Some(redis_layer), Keys::Hot, length, Some(&redis), run).await);
-        let ok = results.iter().all(|(_, ok)| *ok);
-        (results.into_iter().map(|(row, _)| row).collect::<Vec<_>>(), ok)
+    let run = std::process::id() as u64 ^ Instant::now().elapsed().subsec_nanos() as u64;
+
+    let memory = MemoryStore::with_limits(usize::MAX, usize::MAX);
+    let started = Instant::now();
+    server.block_on(hold(&memory, options.held));
+    println!("memory store: {} completed records held, filled in {:.1?}", memory.len(), started.elapsed());
+
+    let scenarios: [(&'static str, Option<bool>, Keys); 7] = [
+        ("bare", None, Keys::Fresh),
+        ("memory, first executions", Some(false), Keys::Fresh),
+        ("memory, replays", Some(false), Keys::Hot),
+        ("memory, duplicates", Some(false), Keys::Duplicates),
+        ("redis, first executions", Some(true), Keys::Fresh),
+        ("redis, replays", Some(true), Keys::Hot),
+        ("redis, duplicates", Some(true), Keys::Duplicates),
+    ];
+    let wanted = |name: &str| {
+        (name == "bare" && !options.skip_bare) || options.only.as_ref().is_none_or(|only| name.contains(only.as_str()))
+    };
+    let mut targets: Vec<Target> = scenarios
+        .into_iter()
+        .filter(|(name, ..)| wanted(name))
+        .map(|(name, store, keys)| {
+            let executions = Arc::new(AtomicU64::new(0));
+            let router = router(executions.clone());
+            let router = match store {
+                None => router,
+                Some(false) => router.layer(IdempotencyLayer::new(memory.clone())),
+                Some(true) => {
+                    let pool = deadpool_redis::Config::from_url(url.as_str())
+                        .create_pool(Some(deadpool_redis::Runtime::Tokio1));
+                    router.layer(IdempotencyLayer::redis(pool.unwrap()))
+                }
+            };
+            let addr = server.block_on(serve(router));
+            let sent = Arc::new(AtomicU64::new(0));
+            Target { name, addr, keys, redis: store == Some(true), executions, sent, measured: Measured::default() }
+        })
+        .collect();
+
+    let length = Duration::from_secs_f64(options.seconds / f64::from(options.rounds.max(1)));
+    client.block_on(async {
+        // Warm up connections, pools and scripts; hot keys run once here, so
+        // that all their measured requests are replays.
+        for target in &targets {
+            let warm_up = if target.keys == Keys::Hot { Stop::Requests(HOT_KEYS) } else { Stop::Requests(500) };
+            drive(target, warm_up, run, options.connections).await;
+        }
+        for _ in 0..options.rounds.max(1) {
+            for target in &mut targets {
+                round(target, length, &redis, run, options.connections).await;
+            }
+        }
     });
-    let bare = rows[0].requests as f64 / rows[0].seconds;
+
+    let bare = targets
+        .iter()
+        .find(|target| target.name == "bare")
+        .map_or(f64::NAN, |bare| bare.measured.requests as f64 / bare.measured.seconds);
     println!(
-        "{:<26} {:>9} {:>9} {:>9} {:>7} {:>10} {:>10} {:>9}",
-        "scenario", "req/s", "p50", "p99", "x bare", "cpu/req", "redis/req", "trips/req"
+        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>11} {:>10} {:>10}",
+        "scenario", "req/s", "p50", "p99", "x bare", "server cpu", "redis cpu", "calls/req"
     );
-    for row in &rows {
-        let rate = row.requests as f64 / row.seconds;
+    let mut correct = true;
+    for target in &mut targets {
+        let m = &mut target.measured;
+        m.latencies.sort();
+        let at = |q: f64| m.latencies.get(((m.latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
+        let per = |d: Duration| d / m.requests.max(1) as u32;
+        let rate = m.requests as f64 / m.seconds;
         println!(
-            "{:<26} {:>9.0} {:>9.2?} {:>9.2?} {:>7.2} {:>10.2?} {:>10} {:>9}",
-            row.name,
+            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>11.2?} {:>10} {:>10}",
+            target.name,
             rate,
-            row.p50,
-            row.p99,
+            at(0.50),
+            at(0.99),
             rate / bare,
-            row.cpu_per_request,
-            row.redis_cpu_per_request.map_or("-".to_owned(), |d| format!("{d:.2?}")),
-            row.redis_calls_per_request.map_or("-".to_owned(), |c| format!("{c:.2}")),
+            per(m.server_cpu),
+            if target.redis { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
+            if target.redis { format!("{:.2}", m.redis_calls as f64 / m.requests as f64) } else { "-".to_owned() },
         );
+        let executions_ok = executions_correct(target);
+        if !executions_ok || target.measured.unexpected_statuses > 0 {
+            correct = false;
+            eprintln!(
+                "FAILED {}: {} executions for {} requests, {} unexpected statuses",
+                target.name,
+                target.executions.load(Ordering::Relaxed),
+                target.sent.load(Ordering::Relaxed),
+                target.measured.unexpected_statuses
+            );
+        }
     }
-    println!("({CONNECTIONS} connections, {:?} a scenario, client and server in one process)", length);
+    println!(
+        "({} connections; {} rounds of {:.2?} a scenario; {} held records in the memory store; \
+         {} cores, Redis {}; server cpu is the server runtime's threads, the client runs on its own)",
+        options.connections,
+        options.rounds.max(1),
+        length,
+        options.held,
+        std::thread::available_parallelism().map_or(0, usize::from),
+        redis.version(),
+    );
     drop(redis);
-    if !ok {
-        eprintln!("FAILED: a key ran twice, a replay ran, or a status was not 200");
+    if !correct {
         std::process::exit(1);
     }
 }
