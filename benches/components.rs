@@ -2,6 +2,9 @@
 //! the memory store, and the whole layer over a trivial `service_fn` for each
 //! outcome (no network), beside the bare service as the baseline.
 //!
+//! Before the timings, it prints the heap allocations each layer outcome
+//! makes per request, counted by a global allocator that wraps the system's.
+//!
 //! `cargo bench --bench components` (add a filter, e.g. `-- layer/`).
 
 use std::{
@@ -12,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
@@ -20,6 +23,34 @@ use tower_idempotency::{
     Fingerprint, IdempotencyKey, IdempotencyLayer, Record, RecordId, RequestBody, Scope, StoredResponse,
     store::{Claim, ClaimRequest, MemoryStore, Store},
 };
+
+/// The system allocator, counting allocations.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed on unchanged to the system allocator.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -201,9 +232,66 @@ fn layer(c: &mut Criterion) {
     group.finish();
 }
 
+/// Prints the allocations per request of each layer outcome, the request
+/// itself and the reading of the response included, as `drive` makes them.
+fn allocations() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let count = |service: &dyn Fn(u64) -> u64| {
+        const REQUESTS: u64 = 1_000;
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let made = service(REQUESTS);
+        (ALLOCATIONS.load(Ordering::Relaxed) - before - made) as f64 / REQUESTS as f64
+    };
+    let idempotency = IdempotencyLayer::new(MemoryStore::with_limits(10_000_000, usize::MAX));
+    let guarded = idempotency.layer(handler::<RequestBody<Full<Bytes>>>());
+    runtime.block_on(drive(guarded.clone(), request(Some("hot-key"))));
+    let bare = handler::<Full<Bytes>>();
+    let rows = [
+        ("bare_service", count(&|n| allocations_of(&runtime, &bare, |_| request(None), n))),
+        ("passthrough_no_key", count(&|n| allocations_of(&runtime, &guarded, |_| request(None), n))),
+        (
+            "first_execution",
+            count(&|n| allocations_of(&runtime, &guarded, |n| request(Some(&format!("fresh-{n}"))), n)),
+        ),
+        ("replay", count(&|n| allocations_of(&runtime, &guarded, |_| request(Some("hot-key")), n))),
+    ];
+    println!("allocations per request (request and response included):");
+    for (name, allocations) in rows {
+        println!("  layer/{name:<20} {allocations:6.1}");
+    }
+}
+
+/// Runs `iters` requests as [`measure`] does; returns the allocations the
+/// measuring itself made (none: the requests are built inside).
+fn allocations_of<S, B>(
+    runtime: &tokio::runtime::Runtime,
+    service: &S,
+    make: fn(u64) -> Request<Full<Bytes>>,
+    iters: u64,
+) -> u64
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::fmt::Debug,
+{
+    // Spawning the measuring task allocates once; a run of no requests
+    // counts it.
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    measure(runtime, service, make, 0);
+    let overhead = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    measure(runtime, service, make, iters);
+    overhead
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     targets = key_parsing, fingerprinting, records, memory_store, layer
 }
-criterion_main!(benches);
+
+fn main() {
+    allocations();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
