@@ -1,5 +1,7 @@
 //! What the store keeps for a finished request, and its compact binary form.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -165,7 +167,9 @@ pub struct Record {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Outcome {
-    Response(Box<StoredResponse>),
+    /// Shared, so that cloning a record (a store handing one out, the
+    /// layer keeping one to retry its completion) copies nothing.
+    Response(Arc<StoredResponse>),
     NotStored(NotStored),
 }
 
@@ -201,7 +205,7 @@ impl Record {
     /// assert!(Record::new(Fingerprint::from_bytes([0; 32]), response).response().is_some());
     /// ```
     pub fn new(fingerprint: Fingerprint, response: StoredResponse) -> Self {
-        Self { fingerprint, outcome: Outcome::Response(Box::new(response)) }
+        Self { fingerprint, outcome: Outcome::Response(Arc::new(response)) }
     }
 
     /// A record of a request that ran but whose response was not kept.
@@ -257,7 +261,9 @@ impl Record {
         }
     }
 
-    /// Takes the stored response out of the record.
+    /// Takes the stored response out of the record (a copy of its headers
+    /// when another clone of the record still holds them; the body is
+    /// never copied).
     ///
     /// # Example
     /// ```
@@ -268,7 +274,7 @@ impl Record {
     /// ```
     pub fn into_response(self) -> Result<StoredResponse, NotStored> {
         match self.outcome {
-            Outcome::Response(response) => Ok(*response),
+            Outcome::Response(response) => Ok(Arc::unwrap_or_clone(response)),
             Outcome::NotStored(reason) => Err(reason),
         }
     }
@@ -366,7 +372,7 @@ impl Record {
                 };
                 let len = input.len()?;
                 let body = input.take(len)?;
-                Outcome::Response(Box::new(StoredResponse { status, headers, body, trailers }))
+                Outcome::Response(Arc::new(StoredResponse { status, headers, body, trailers }))
             }
             _ => return Err(DecodeError::Malformed("unknown record kind")),
         };

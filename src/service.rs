@@ -45,9 +45,10 @@ const EAGER_LIMIT: usize = 64 * 1024;
 /// [`ResponseBody`] response bodies. Store failures become responses, never
 /// errors: the error type is the inner service's.
 ///
-/// Guarded requests need a Tokio runtime: the inner service runs on a
-/// spawned task, so a client that disconnects does not cancel it and its
-/// result is still stored.
+/// Guarded requests need a Tokio runtime. The inner service runs within the
+/// request's own task; if the client disconnects before the response is
+/// finished, what is left of it moves to a spawned task, so the disconnect
+/// does not cancel it and its result is still stored.
 ///
 /// # Example
 /// ```
@@ -139,17 +140,40 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// Runs a store call under `timeout`. A call that is ready at once (the
-/// memory store) never touches the timer.
+/// Runs a store call under `timeout` (see [`within`]).
 pub(crate) async fn with_timeout<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    let mut call = pin!(call);
-    if let Poll::Ready(result) = poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
-        return result;
+    within(timeout, call).await.unwrap_or(Err(StoreError::Timeout(timeout)))
+}
+
+/// Runs `future` for at most `timeout`; `None` when it ran out.
+///
+/// The timer is armed only if the future is still pending when its task
+/// runs a second time (it yields once to make sure it does): a future that
+/// is ready at once (a memory store call) or as soon as the connection's
+/// task has run again (a request body already in the connection's buffer)
+/// never touches it. Arming a timer in an empty timer wheel wakes the
+/// thread that sleeps on it, which costs more than the rest of a request.
+pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F::Output> {
+    let deadline = Instant::now() + timeout;
+    let mut future = pin!(future);
+    let mut yielded = false;
+    let early = poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending if !yielded => {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await;
+    match early {
+        Some(output) => Some(output),
+        None => tokio::time::timeout_at(deadline, future).await.ok(),
     }
-    tokio::time::timeout(timeout, call).await.unwrap_or(Err(StoreError::Timeout(timeout)))
 }
 
 impl<St> Config<St> {
@@ -240,11 +264,10 @@ impl<St: Store> Guarded<St> {
         let Some(scope) = (config.scope)(&parts) else {
             return Ok(config.reject(RejectionKind::MissingScope, self.grpc));
         };
-        let read = tokio::time::timeout(config.body_timeout, read_body(body, config.body_limit));
-        let (body, trailers) = match read.await {
-            Ok(Ok(body)) => body,
-            Ok(Err(kind)) => return Ok(config.reject(kind, self.grpc)),
-            Err(_) => return Ok(config.reject(RejectionKind::BodyTimeout, self.grpc)),
+        let (body, trailers) = match within(config.body_timeout, read_body(body, config.body_limit)).await {
+            Some(Ok(body)) => body,
+            Some(Err(kind)) => return Ok(config.reject(kind, self.grpc)),
+            None => return Ok(config.reject(RejectionKind::BodyTimeout, self.grpc)),
         };
         let fingerprint = Fingerprint::of(&parts, &config.fingerprint_headers, &body);
         let id = RecordId::new(&config.namespace, &scope, &key);
@@ -323,8 +346,11 @@ impl<St: Store> Guarded<St> {
         }
     }
 
-    /// Runs the inner service on its own task under the claim, and answers
-    /// with its response as soon as the head is there.
+    /// Runs the inner service under the claim, and answers with its response
+    /// as soon as the head is there. The execution is polled right here, with
+    /// no task of its own, until the head is there; what is left of it then
+    /// (a body still streaming), or all of it if this request is dropped
+    /// first (the client went away), goes on on a spawned task.
     async fn execute<S, B, ResB>(
         self,
         inner: S,
@@ -345,10 +371,21 @@ impl<St: Store> Guarded<St> {
         self.config.note(Outcome::Executed, &id);
         request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, lease.fencing_token()));
         let claim = Execution::new(self.config.clone(), id, lease.owner(), fingerprint);
-        let (answer, answered) = oneshot::channel();
-        let task = execute_detached(inner, request, claim, answer);
-        tokio::spawn(task.instrument(tracing::Span::current()));
-        match answered.await {
+        let (answer, mut answered) = oneshot::channel();
+        let task = Box::pin(execute_detached(inner, request, claim, answer).instrument(tracing::Span::current()));
+        let mut task = Detach(Some(task));
+        let answer = poll_fn(|cx| {
+            if let Some(running) = task.0.as_mut()
+                && running.as_mut().poll(cx).is_ready()
+            {
+                task.0 = None;
+            }
+            // A finished execution has answered or dropped its sender.
+            std::pin::Pin::new(&mut answered).poll(cx)
+        })
+        .await;
+        drop(task);
+        match answer {
             Ok(result) => result,
             // The task ended without answering: the inner service panicked.
             // Its claim was released as the task unwound.
@@ -358,6 +395,23 @@ impl<St: Store> Guarded<St> {
 }
 
 type Answer<ResB, E> = oneshot::Sender<Result<Response<ResponseBody<ResB>>, E>>;
+
+/// An execution polled inline: dropped unfinished (the head is answered but
+/// the body still streams, or the request was dropped), it goes on on a
+/// spawned task.
+struct Detach(Option<crate::future::BoxFuture<()>>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let Some(task) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(task)),
+            // No runtime to finish on: dropping the execution releases its
+            // claim, so a retry runs.
+            Err(_) => drop(task),
+        }
+    }
+}
 type FrameResult = Result<Frame<Bytes>, BoxError>;
 
 /// The task that runs the inner service, records its response while it
@@ -447,7 +501,7 @@ async fn execute_detached<S, St, B, ResB>(
     }
     if ended {
         // The body finished without ever waiting.
-        let retry = claim.finish(&recorder).await;
+        let retry = claim.finish(&mut recorder).await;
         let trailers = recorder.trailers.clone();
         let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
         claim.settle_later(retry).await;
@@ -474,7 +528,7 @@ async fn execute_detached<S, St, B, ResB>(
             Some(Ok(frame)) => {
                 recorder.push(&frame);
                 if frame.is_trailers() || body.is_end_stream() || recorder.reached_declared_length() {
-                    let retry = claim.finish(&recorder).await;
+                    let retry = claim.finish(&mut recorder).await;
                     claim.send(&mut client, Message::Frame(frame)).await;
                     claim.send(&mut client, Message::End).await;
                     claim.settle_later(retry).await;
@@ -483,7 +537,7 @@ async fn execute_detached<S, St, B, ResB>(
                 claim.send(&mut client, Message::Frame(frame)).await;
             }
             None => {
-                let retry = claim.finish(&recorder).await;
+                let retry = claim.finish(&mut recorder).await;
                 claim.send(&mut client, Message::End).await;
                 claim.settle_later(retry).await;
                 return;
@@ -645,7 +699,7 @@ impl<St: Store> Execution<St> {
 
     /// Settles a body that ended cleanly: a `grpc-status` in its trailers
     /// meets the storage rule again, now that it is known.
-    async fn finish(&mut self, recorder: &Recorder) -> Option<Record> {
+    async fn finish(&mut self, recorder: &mut Recorder) -> Option<Record> {
         if let Some(status) = recorder.trailer_status()
             && !self.config.keeps(recorder.verdict, status)
         {
@@ -824,7 +878,8 @@ impl Recorder {
         self.declared_length == Some(self.seen)
     }
 
-    fn response(&self) -> Result<StoredResponse, NotStored> {
+    /// The recorded response; called once, it hands its headers over.
+    fn response(&mut self) -> Result<StoredResponse, NotStored> {
         if self.too_large {
             return Err(NotStored::TooLarge);
         }
@@ -840,7 +895,7 @@ impl Recorder {
                 body.freeze()
             }
         };
-        Ok(StoredResponse::new(self.status, self.headers.clone(), body, self.trailers.clone()))
+        Ok(StoredResponse::new(self.status, std::mem::take(&mut self.headers), body, self.trailers.clone()))
     }
 
     /// The `grpc-status` of the trailers, as an HTTP status.
