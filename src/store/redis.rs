@@ -39,8 +39,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use redis::{Cmd, ErrorKind, RedisError, Value, aio::ConnectionLike};
-use tokio::sync::watch;
+use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionLike};
+use tokio::sync::{oneshot, watch};
 
 use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
 use crate::{FencingToken, Fingerprint, IdempotencyLayer, Record, RecordId};
@@ -73,6 +73,10 @@ mod sealed {
 /// takes_any_pool(pool);
 /// ```
 pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
+    /// Whether concurrent calls are sent to Redis together, in one batch.
+    #[doc(hidden)]
+    const BATCHED: bool;
+
     /// A pooled connection, for calls that block.
     #[doc(hidden)]
     type Connection: ConnectionLike + Send;
@@ -98,6 +102,7 @@ pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
 }
 
 impl RedisPool for deadpool_redis::Pool {
+    const BATCHED: bool = true;
     type Connection = deadpool_redis::Connection;
     type Shared = redis::aio::MultiplexedConnection;
 
@@ -120,6 +125,9 @@ impl RedisPool for deadpool_redis::Pool {
 }
 
 impl RedisPool for deadpool_redis::cluster::Pool {
+    // A batch would mix keys of every node; the cluster connection routes
+    // each call to its node instead.
+    const BATCHED: bool = false;
     type Connection = deadpool_redis::cluster::Connection;
     type Shared = redis::cluster_async::ClusterConnection;
 
@@ -178,6 +186,23 @@ pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
     /// Held while one call connects, so a burst of calls after a start or a
     /// failure makes one connection, not one each.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// The calls waiting for the next batch (single Redis only).
+    batch: Arc<Mutex<Batch>>,
+}
+
+/// Where a call in a batch gets its replies, or why there are none.
+type Answer = oneshot::Sender<Result<Vec<Value>, String>>;
+
+/// Commands of concurrent calls, gathered while the batch before them is on
+/// its way, then written to Redis at once and answered in one read: one
+/// system call on each side for many calls, instead of one per call.
+#[derive(Default)]
+struct Batch {
+    pipeline: redis::Pipeline,
+    /// How many of the batch's replies each call waits for, in order.
+    waiting: Vec<(usize, Answer)>,
+    /// Whether a task is sending batches; it stops when none is left.
+    sending: bool,
 }
 
 /// A [`RedisStore`] on a Redis Cluster.
@@ -200,6 +225,7 @@ impl<P: RedisPool> Clone for RedisStore<P> {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             connecting: self.connecting.clone(),
+            batch: self.batch.clone(),
         }
     }
 }
@@ -233,6 +259,7 @@ impl<P: RedisPool> RedisStore<P> {
             inner: Arc::new(Inner { prefix: "idem:".to_owned(), replicas: None, nonce, waits: Mutex::default() }),
             shared: Arc::default(),
             connecting: Arc::default(),
+            batch: Arc::default(),
         }
     }
 
@@ -353,38 +380,174 @@ impl<P: RedisPool> RedisStore<P> {
     /// connection when the error says it is broken, so the next call
     /// connects again (after a Redis restart, say).
     fn failed(&self, error: RedisError) -> StoreError {
-        if error.is_io_error() || error.is_connection_dropped() || error.is_timeout() || error.is_unrecoverable_error()
-        {
+        if broken(&error) {
             *self.shared.lock().unwrap_or_else(|poison| poison.into_inner()) = None;
         }
         StoreError::unavailable(error)
     }
 
-    async fn run(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<(Value, P::Shared), StoreError> {
-        let mut connection = self.shared().await?;
-        let value = script.run(&mut connection, keys, args).await.map_err(|error| self.failed(error))?;
-        Ok((value, connection))
+    /// Runs `script`: by its SHA-1, and in full when the server does not
+    /// know it (first use, `SCRIPT FLUSH`, a restarted or new node). Returns
+    /// its reply, and whether enough replicas took what it wrote (see
+    /// [`command`](Self::command)).
+    async fn script(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+        replicate: bool,
+    ) -> Result<(Value, Replicated), StoreError> {
+        let (reply, replicated) = match self.command(script.invoke(true, keys, args), keys[0], replicate).await? {
+            (Err(error), _) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.command(script.invoke(false, keys, args), keys[0], replicate).await?
+            }
+            sent => sent,
+        };
+        Ok((reply.map_err(StoreError::unavailable)?, replicated))
     }
 
-    async fn replicate(&self, connection: &mut P::Shared, key: &str) -> Result<(), StoreError> {
-        let Some((replicas, timeout)) = self.inner.replicas else { return Ok(()) };
-        let acknowledged =
-            P::wait_replicas(connection, key, replicas, timeout).await.map_err(|error| self.failed(error))?;
-        if acknowledged < i64::from(replicas) {
-            return Err(StoreError::unavailable(format!(
-                "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
-            )));
+    /// Sends `cmd` about `key`. With `replicate`, and replicas set by
+    /// [`with_replicas`](Self::with_replicas), `WAIT`s for them after it:
+    /// in the same round trip on a single Redis. Returns the command's own
+    /// reply or error, and whether enough replicas acknowledged.
+    async fn command(&self, cmd: Cmd, key: &str, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
+        let replicas = self.inner.replicas.filter(|_| replicate);
+        if P::BATCHED {
+            let mut commands = vec![cmd];
+            commands.extend(replicas.map(|(replicas, timeout)| wait_cmd(replicas, timeout)));
+            let mut replies = self.batched(commands).await?.into_iter();
+            let reply = replies.next().ok_or_else(|| StoreError::unavailable("a reply is missing from Redis"))?;
+            let replicated = match (replicas, replies.next()) {
+                (None, _) => Ok(()),
+                (Some((replicas, timeout)), Some(Value::Int(acknowledged))) => {
+                    enough_replicas(acknowledged, replicas, timeout)
+                }
+                (Some(_), other) => Err(unexpected(&other.unwrap_or(Value::Nil))),
+            };
+            return Ok((reply.extract_error(), replicated));
         }
-        Ok(())
+        let mut connection = self.shared().await?;
+        let reply = match cmd.query_async::<Value>(&mut connection).await {
+            Err(error) if broken(&error) => return Err(self.failed(error)),
+            reply => reply,
+        };
+        let replicated = match replicas {
+            Some((replicas, timeout)) if reply.is_ok() => {
+                match P::wait_replicas(&mut connection, key, replicas, timeout).await {
+                    Ok(acknowledged) => enough_replicas(acknowledged, replicas, timeout),
+                    Err(error) => Err(self.failed(error)),
+                }
+            }
+            _ => Ok(()),
+        };
+        Ok((reply, replicated))
     }
 
+    /// Sends `commands` in the next batch, and returns their replies.
+    async fn batched(&self, commands: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let start = {
+            let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
+            batch.waiting.push((commands.len(), answer));
+            for cmd in commands {
+                batch.pipeline.add_command(cmd);
+            }
+            !std::mem::replace(&mut batch.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_batches());
+        }
+        match answered.await {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(error)) => Err(StoreError::unavailable(error)),
+            Err(_) => Err(StoreError::unavailable("the batch of Redis calls was dropped")),
+        }
+    }
+
+    /// Sends one batch at a time until no call waits.
+    async fn send_batches(self) {
+        let mut sending = Sending { batch: &self.batch, finished: false };
+        loop {
+            let (mut pipeline, waiting) = {
+                let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
+                if batch.waiting.is_empty() {
+                    batch.sending = false;
+                    sending.finished = true;
+                    return;
+                }
+                (std::mem::take(&mut batch.pipeline), std::mem::take(&mut batch.waiting))
+            };
+            let expected: usize = waiting.iter().map(|(count, _)| count).sum();
+            let sent = async {
+                let mut connection = self.shared().await?;
+                // Errors of single commands stay among the replies.
+                pipeline.ignore_errors();
+                pipeline.query_async::<Vec<Value>>(&mut connection).await.map_err(|error| self.failed(error))
+            };
+            match sent.await {
+                Ok(replies) if replies.len() == expected => {
+                    let mut replies = replies.into_iter();
+                    for (count, answer) in waiting {
+                        let _ = answer.send(Ok(replies.by_ref().take(count).collect()));
+                    }
+                }
+                Ok(replies) => {
+                    let error = format!("{} replies from Redis for {expected} commands", replies.len());
+                    waiting.into_iter().for_each(|(_, answer)| drop(answer.send(Err(error.clone()))));
+                }
+                Err(error) => {
+                    let error = error.to_string();
+                    waiting.into_iter().for_each(|(_, answer)| drop(answer.send(Err(error.clone()))));
+                }
+            }
+        }
+    }
+}
+
+type RedisResult = Result<Value, RedisError>;
+/// Whether enough replicas acknowledged a write.
+type Replicated = Result<(), StoreError>;
+
+/// The task sending batches. If it ends early (its runtime shuts down), the
+/// calls it leaves are told so, and the next call starts another.
+struct Sending<'a> {
+    batch: &'a Mutex<Batch>,
+    finished: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
+        batch.sending = false;
+        batch.waiting.clear();
+        batch.pipeline = redis::Pipeline::new();
+    }
+}
+
+/// Whether `error` says the connection is broken.
+fn broken(error: &RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_timeout() || error.is_unrecoverable_error()
+}
+
+fn enough_replicas(acknowledged: i64, replicas: u32, timeout: Duration) -> Result<(), StoreError> {
+    if acknowledged < i64::from(replicas) {
+        return Err(StoreError::unavailable(format!(
+            "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
+        )));
+    }
+    Ok(())
+}
+
+impl<P: RedisPool> RedisStore<P> {
     /// Runs an owner-checked script; 1 means done, 0 not the owner.
-    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]]) -> Result<P::Shared, StoreError> {
-        let (value, connection) = self.run(script, keys, args).await?;
-        match value {
-            Value::Int(1) => Ok(connection),
-            Value::Int(0) => Err(StoreError::NotOwner),
-            other => Err(unexpected(&other)),
+    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]], replicate: bool) -> Result<(), StoreError> {
+        match self.script(script, keys, args, replicate).await? {
+            (Value::Int(1), replicated) => replicated,
+            (Value::Int(0), _) => Err(StoreError::NotOwner),
+            (other, _) => Err(unexpected(&other)),
         }
     }
 }
@@ -428,13 +591,13 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let lease = millis(request.lease());
         let fingerprint = request.fingerprint();
         let args: [&[u8]; 4] = [&owner_prefix, fingerprint.as_bytes(), &lease, replace];
-        let (value, mut connection) = self.run(&CLAIM, &[&keys.record, &keys.fence, &keys.queue], &args).await?;
+        let (value, replicated) = self.script(&CLAIM, &[&keys.record, &keys.fence, &keys.queue], &args, true).await?;
         let Value::Array(reply) = value else { return Err(unexpected(&value)) };
         match reply.as_slice() {
             [Value::Int(0), Value::Int(token)] => {
                 let token = u64::try_from(*token).map_err(|_| unexpected(&reply[1]))?;
                 let lease = Lease::new(self.owner(token), FencingToken::new(token));
-                if let Err(error) = self.replicate(&mut connection, &keys.record).await {
+                if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
                     let _ = self.release(&request.id(), lease.owner()).await;
                     return Err(error);
@@ -464,28 +627,29 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let owner = owner_bytes(owner);
         let retention = millis(retention);
         let args: [&[u8]; 3] = [&owner, &encoded, &retention];
-        let mut connection = self.owned(&COMPLETE, &[&keys.record, &keys.waiters, &keys.queue], &args).await?;
-        self.replicate(&mut connection, &keys.record).await
+        self.owned(&COMPLETE, &[&keys.record, &keys.waiters, &keys.queue], &args, true).await
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
         let keys = self.keys(id);
         let owner = owner_bytes(owner);
-        self.owned(&RELEASE, &[&keys.record, &keys.waiters, &keys.queue], &[&owner]).await.map(drop)
+        self.owned(&RELEASE, &[&keys.record, &keys.waiters, &keys.queue], &[&owner], false).await
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
         let key = self.record_key(id);
         let owner = owner_bytes(owner);
-        self.owned(&RENEW, &[&key], &[&owner, &millis(lease)]).await.map(drop)
+        self.owned(&RENEW, &[&key], &[&owner, &millis(lease)], false).await
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         let key = self.record_key(id);
-        let mut connection = self.shared().await?;
-        let value: Option<Vec<u8>> =
-            redis::cmd("GET").arg(&key).query_async(&mut connection).await.map_err(|error| self.failed(error))?;
-        let Some(value) = value else { return Ok(None) };
+        let value = match self.command(redis::cmd("GET").arg(&key).clone(), &key, false).await?.0 {
+            Ok(Value::Nil) => return Ok(None),
+            Ok(Value::BulkString(value)) => value,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(error) => return Err(StoreError::unavailable(error)),
+        };
         if value.first() == Some(&IN_FLIGHT) {
             let (fingerprint, fencing_token) = parse_in_flight(&value)?;
             return Ok(Some(RecordState::InFlight { fingerprint, fencing_token }));
@@ -617,21 +781,29 @@ impl Script {
         Self { source, sha: OnceLock::new() }
     }
 
+    /// The command that runs the script: `EVALSHA` by its SHA-1, or `EVAL`
+    /// with its source.
+    fn invoke(&self, by_sha: bool, keys: &[&str], args: &[&[u8]]) -> Cmd {
+        let mut cmd = if by_sha {
+            let sha = self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_owned());
+            redis::cmd("EVALSHA").arg(sha).clone()
+        } else {
+            redis::cmd("EVAL").arg(self.source).clone()
+        };
+        cmd.arg(keys.len()).arg(keys).arg(args);
+        cmd
+    }
+
+    /// Runs the script on a connection of its own.
     async fn run<C: ConnectionLike + Send>(
         &self,
         connection: &mut C,
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<Value, RedisError> {
-        let sha = self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_owned());
-        let invoke = |command: &str, body: &str| {
-            let mut cmd = redis::cmd(command);
-            cmd.arg(body).arg(keys.len()).arg(keys).arg(args);
-            cmd
-        };
-        match invoke("EVALSHA", sha).query_async(connection).await {
-            Err(error) if error.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                invoke("EVAL", self.source).query_async(connection).await
+        match self.invoke(true, keys, args).query_async(connection).await {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.invoke(false, keys, args).query_async(connection).await
             }
             result => result,
         }
