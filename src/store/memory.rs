@@ -56,7 +56,7 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: IdHashing,
     entries: AtomicUsize,
     bytes: AtomicUsize,
     max_entries: usize,
@@ -65,9 +65,8 @@ struct Inner {
     owner_seed: u64,
 }
 
-#[derive(Default)]
 struct Shard {
-    map: HashMap<RecordId, Entry>,
+    map: HashMap<RecordId, Entry, IdHashing>,
     expiries: BinaryHeap<Reverse<(Instant, RecordId)>>,
 }
 
@@ -111,11 +110,16 @@ impl MemoryStore {
     /// # drop(store);
     /// ```
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
-        let hasher = RandomState::new();
-        let owner_seed = hasher.build_hasher().finish();
+        let random = RandomState::new();
+        let owner_seed = random.hash_one(0u8);
+        let hasher = IdHashing { seeds: [random.hash_one(1u8), random.hash_one(2u8) | 1] };
         Self {
             inner: Arc::new(Inner {
-                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                shards: (0..SHARDS)
+                    .map(|_| {
+                        Mutex::new(Shard { map: HashMap::with_hasher(hasher.clone()), expiries: BinaryHeap::new() })
+                    })
+                    .collect(),
                 hasher,
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
@@ -162,9 +166,54 @@ impl MemoryStore {
     }
 }
 
+/// Hashes record ids, for the shards and their maps. Ids are SHA-256
+/// digests, uniform already; folding their bits with two secret seeds
+/// (multiplications, as `foldhash` does) keeps a client, who can compute
+/// the ids of its keys, from aiming many keys at one bucket, for a fraction
+/// of SipHash's cost.
+#[derive(Clone)]
+struct IdHashing {
+    seeds: [u64; 2],
+}
+
+impl BuildHasher for IdHashing {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher { seeds: self.seeds, hash: 0 }
+    }
+}
+
+struct IdHasher {
+    seeds: [u64; 2],
+    hash: u64,
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(16) {
+            let mut words = [0u8; 16];
+            words[..chunk.len()].copy_from_slice(chunk);
+            let low =
+                u64::from_le_bytes([words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]]);
+            let high = u64::from_le_bytes([
+                words[8], words[9], words[10], words[11], words[12], words[13], words[14], words[15],
+            ]);
+            let product = u128::from(low ^ self.hash ^ self.seeds[0]) * u128::from(high ^ self.seeds[1]);
+            self.hash = (product as u64) ^ ((product >> 64) as u64);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
 impl Inner {
     fn shard(&self, id: &RecordId) -> MutexGuard<'_, Shard> {
-        let index = (self.hasher.hash_one(id) as usize) % SHARDS;
+        // Bits the shard's map uses neither for its buckets (the low ones)
+        // nor for its tags (the top seven).
+        let index = ((self.hasher.hash_one(id) >> 32) as usize) % SHARDS;
         // A panic while a shard was locked cannot leave an entry half
         // written (every update is one assignment), so poison is ignored.
         self.shards[index].lock().unwrap_or_else(|poison| poison.into_inner())
@@ -388,6 +437,24 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_that_differ_in_any_byte_spread_over_shards_and_buckets() {
+        let store = MemoryStore::new();
+        for position in [0, 15, 16, 31] {
+            let mut shards = std::collections::HashSet::new();
+            let mut hashes = std::collections::HashSet::new();
+            for value in 0..=255u8 {
+                let mut bytes = [0x5a; 32];
+                bytes[position] = value;
+                let hash = store.inner.hasher.hash_one(RecordId::from_bytes(bytes));
+                shards.insert((hash >> 32) % SHARDS as u64);
+                hashes.insert(hash & 0xfff);
+            }
+            assert!(shards.len() >= 48, "byte {position}: {} of {SHARDS} shards", shards.len());
+            assert!(hashes.len() >= 200, "byte {position}: {} distinct low bits", hashes.len());
+        }
+    }
 
     fn request(id: u8) -> ClaimRequest {
         ClaimRequest::new(RecordId::from_bytes([id; 32]), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30))
