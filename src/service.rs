@@ -412,6 +412,7 @@ impl Drop for Detach {
         }
     }
 }
+
 type FrameResult = Result<Frame<Bytes>, BoxError>;
 
 /// The task that runs the inner service, records its response while it

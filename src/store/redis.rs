@@ -22,6 +22,9 @@
 //!
 //! Round trips: a first execution costs two (claim, complete) when it ends
 //! within a third of its lease, a replay one, an in-flight duplicate one.
+//! On a single Redis, calls made at the same time share them: while one
+//! batch of calls is on its way, the calls that come meanwhile gather into
+//! the next, which is written at once and answered in one read.
 //! With [`RedisStore::with_replicas`], claims and completions also wait for
 //! replicas (`WAIT`): in the same round trip on a single Redis, in one more
 //! on a cluster.
