@@ -236,24 +236,15 @@ fn layer(c: &mut Criterion) {
 /// itself and the reading of the response included, as `drive` makes them.
 fn allocations() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let count = |service: &dyn Fn(u64) -> u64| {
-        const REQUESTS: u64 = 1_000;
-        let before = ALLOCATIONS.load(Ordering::Relaxed);
-        let made = service(REQUESTS);
-        (ALLOCATIONS.load(Ordering::Relaxed) - before - made) as f64 / REQUESTS as f64
-    };
     let idempotency = IdempotencyLayer::new(MemoryStore::with_limits(10_000_000, usize::MAX));
     let guarded = idempotency.layer(handler::<RequestBody<Full<Bytes>>>());
     runtime.block_on(drive(guarded.clone(), request(Some("hot-key"))));
     let bare = handler::<Full<Bytes>>();
     let rows = [
-        ("bare_service", count(&|n| allocations_of(&runtime, &bare, |_| request(None), n))),
-        ("passthrough_no_key", count(&|n| allocations_of(&runtime, &guarded, |_| request(None), n))),
-        (
-            "first_execution",
-            count(&|n| allocations_of(&runtime, &guarded, |n| request(Some(&format!("fresh-{n}"))), n)),
-        ),
-        ("replay", count(&|n| allocations_of(&runtime, &guarded, |_| request(Some("hot-key")), n))),
+        ("bare_service", allocations_per_request(&runtime, &bare, |_| request(None))),
+        ("passthrough_no_key", allocations_per_request(&runtime, &guarded, |_| request(None))),
+        ("first_execution", allocations_per_request(&runtime, &guarded, |n| request(Some(&format!("fresh-{n}"))))),
+        ("replay", allocations_per_request(&runtime, &guarded, |_| request(Some("hot-key")))),
     ];
     println!("allocations per request (request and response included):");
     for (name, allocations) in rows {
@@ -261,27 +252,28 @@ fn allocations() {
     }
 }
 
-/// Runs `iters` requests as [`measure`] does; returns the allocations the
-/// measuring itself made (none: the requests are built inside).
-fn allocations_of<S, B>(
+/// Heap allocations per request through `service`, made as [`measure`]
+/// makes them, without those of the measuring task itself.
+fn allocations_per_request<S, B>(
     runtime: &tokio::runtime::Runtime,
     service: &S,
     make: fn(u64) -> Request<Full<Bytes>>,
-    iters: u64,
-) -> u64
+) -> f64
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: std::fmt::Debug,
 {
-    // Spawning the measuring task allocates once; a run of no requests
-    // counts it.
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    measure(runtime, service, make, 0);
-    let overhead = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    measure(runtime, service, make, iters);
-    overhead
+    const REQUESTS: u64 = 1_000;
+    let allocated = |requests| {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        measure(runtime, service, make, requests);
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    };
+    // A run of no requests counts what spawning the measuring task costs.
+    let overhead = allocated(0);
+    (allocated(REQUESTS) - overhead) as f64 / REQUESTS as f64
 }
 
 criterion_group! {

@@ -717,13 +717,13 @@ impl<P: RedisPool> RedisStore<P> {
     /// Registers as a waiter and blocks for at most `block` on the record's
     /// queue. True when the record left the in-flight state.
     async fn block_once(&self, keys: &Keys, block: Duration) -> Result<bool, StoreError> {
-        let mut connection = self.pool.connection().await?;
-        let registered = WAIT.run(&mut connection, &[&keys.record, &keys.waiters], &[]).await;
-        match registered.map_err(StoreError::unavailable)? {
+        match self.script(&WAIT, &[&keys.record, &keys.waiters], &[], false).await?.0 {
             Value::Int(1) => {}
             // Already completed, released or expired.
             _ => return Ok(true),
         }
+        // BLPOP blocks its connection: a pooled one, not the shared one.
+        let mut connection = self.pool.connection().await?;
         let seconds = format!("{:.3}", block.as_secs_f64());
         let popped: Option<(String, String)> = redis::cmd("BLPOP")
             .arg(&keys.queue)
@@ -795,21 +795,6 @@ impl Script {
         };
         cmd.arg(keys.len()).arg(keys).arg(args);
         cmd
-    }
-
-    /// Runs the script on a connection of its own.
-    async fn run<C: ConnectionLike + Send>(
-        &self,
-        connection: &mut C,
-        keys: &[&str],
-        args: &[&[u8]],
-    ) -> Result<Value, RedisError> {
-        match self.invoke(true, keys, args).query_async(connection).await {
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.invoke(false, keys, args).query_async(connection).await
-            }
-            result => result,
-        }
     }
 }
 
