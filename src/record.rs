@@ -1,8 +1,8 @@
 //! What the store keeps for a finished request, and its compact binary form.
 
-use std::sync::Arc;
+use std::fmt;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::Fingerprint;
@@ -148,7 +148,10 @@ impl NotStored {
     }
 }
 
-/// What the store keeps for a completed request.
+/// What the store keeps for a completed request, in its compact binary
+/// form: one buffer holding the fingerprint, then the status, headers,
+/// trailers and body, so that keeping or cloning a record allocates nothing
+/// per header, and a store writes it out as it is.
 ///
 /// # Example
 /// ```
@@ -159,19 +162,15 @@ impl NotStored {
 /// let decoded = Record::decode(record.encode()).unwrap();
 /// assert_eq!(decoded, record);
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Record {
-    fingerprint: Fingerprint,
-    outcome: Outcome,
+    /// Always well formed: every way to make a record writes or checks it.
+    encoded: Bytes,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    /// Shared, so that cloning a record (a store handing one out, the
-    /// layer keeping one to retry its completion) copies nothing.
-    Response(Arc<StoredResponse>),
-    NotStored(NotStored),
-}
+/// Where the fingerprint sits in an encoded record: after the version and
+/// kind bytes.
+const FINGERPRINT: std::ops::Range<usize> = 2..34;
 
 /// A stored record could not be decoded.
 ///
@@ -205,7 +204,8 @@ impl Record {
     /// assert!(Record::new(Fingerprint::from_bytes([0; 32]), response).response().is_some());
     /// ```
     pub fn new(fingerprint: Fingerprint, response: StoredResponse) -> Self {
-        Self { fingerprint, outcome: Outcome::Response(Arc::new(response)) }
+        let headers = HeaderSection::of(&response.headers, |_| true);
+        Self::recorded(fingerprint, response.status, &headers, response.trailers.as_ref(), &[response.body])
     }
 
     /// A record of a request that ran but whose response was not kept.
@@ -217,7 +217,52 @@ impl Record {
     /// assert!(record.response().is_none());
     /// ```
     pub fn not_stored(fingerprint: Fingerprint, reason: NotStored) -> Self {
-        Self { fingerprint, outcome: Outcome::NotStored(reason) }
+        let mut out = Vec::with_capacity(FINGERPRINT.end + 1);
+        out.put_u8(VERSION);
+        out.put_u8(KIND_NOT_STORED);
+        out.put_slice(fingerprint.as_bytes());
+        out.put_u8(reason.code());
+        Self { encoded: Bytes::from(out) }
+    }
+
+    /// The record of a response whose end-to-end headers are already
+    /// encoded, its body in `chunks`: the one copy of the body into the
+    /// record, into a buffer of the exact size.
+    pub(crate) fn recorded(
+        fingerprint: Fingerprint,
+        status: StatusCode,
+        headers: &HeaderSection,
+        trailers: Option<&HeaderMap>,
+        chunks: &[Bytes],
+    ) -> Self {
+        let body_len: usize = chunks.iter().map(Bytes::len).sum();
+        let trailers = trailers.map(|trailers| HeaderSection::of(trailers, |_| true));
+        let len = FINGERPRINT.end
+            + 2
+            + headers.0.len()
+            + 1
+            + trailers.as_ref().map_or(0, |t| t.0.len())
+            + varint_len(body_len as u64)
+            + body_len;
+        let mut out = Vec::with_capacity(len);
+        out.put_u8(VERSION);
+        out.put_u8(KIND_RESPONSE);
+        out.put_slice(fingerprint.as_bytes());
+        out.put_u16(status.as_u16());
+        out.put_slice(&headers.0);
+        match &trailers {
+            None => out.put_u8(0),
+            Some(trailers) => {
+                out.put_u8(1);
+                out.put_slice(&trailers.0);
+            }
+        }
+        put_varint(&mut out, body_len as u64);
+        for chunk in chunks {
+            out.put_slice(chunk);
+        }
+        debug_assert_eq!(out.len(), len);
+        Self { encoded: Bytes::from(out) }
     }
 
     /// The fingerprint of the request that made this record.
@@ -229,21 +274,21 @@ impl Record {
     /// assert_eq!(Record::not_stored(fp, NotStored::TooLarge).fingerprint(), fp);
     /// ```
     pub fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
+        let mut bytes = [0; 32];
+        bytes.copy_from_slice(&self.encoded[FINGERPRINT]);
+        Fingerprint::from_bytes(bytes)
     }
 
-    /// The stored response, if there is one.
+    /// A copy of the stored response, if there is one (the body and header
+    /// values share the record's buffer; nothing of them is copied).
     ///
     /// # Example
     /// ```
     /// # use tower_idempotency::{Fingerprint, NotStored, Record};
     /// assert!(Record::not_stored(Fingerprint::from_bytes([0; 32]), NotStored::TooLarge).response().is_none());
     /// ```
-    pub fn response(&self) -> Option<&StoredResponse> {
-        match &self.outcome {
-            Outcome::Response(response) => Some(response),
-            Outcome::NotStored(_) => None,
-        }
+    pub fn response(&self) -> Option<StoredResponse> {
+        self.clone().into_response().ok()
     }
 
     /// Why there is no stored response, if there is none.
@@ -255,15 +300,14 @@ impl Record {
     /// assert_eq!(r.not_stored_reason(), Some(NotStored::StoreFull));
     /// ```
     pub fn not_stored_reason(&self) -> Option<NotStored> {
-        match &self.outcome {
-            Outcome::Response(_) => None,
-            Outcome::NotStored(reason) => Some(*reason),
+        match self.encoded[1] {
+            KIND_NOT_STORED => NotStored::from_code(self.encoded[FINGERPRINT.end]).ok(),
+            _ => None,
         }
     }
 
-    /// Takes the stored response out of the record (a copy of its headers
-    /// when another clone of the record still holds them; the body is
-    /// never copied).
+    /// The stored response, read out of the record: its body and header
+    /// values share the record's buffer.
     ///
     /// # Example
     /// ```
@@ -273,13 +317,14 @@ impl Record {
     /// assert_eq!(record.into_response(), Ok(response));
     /// ```
     pub fn into_response(self) -> Result<StoredResponse, NotStored> {
-        match self.outcome {
-            Outcome::Response(response) => Ok(Arc::unwrap_or_clone(response)),
-            Outcome::NotStored(reason) => Err(reason),
+        match read(self.encoded) {
+            Ok(read) => read,
+            // Every record was written or checked when it was made.
+            Err(error) => unreachable!("a record that was checked when made does not read: {error}"),
         }
     }
 
-    /// The exact length of [`Record::encode`]'s output, without encoding.
+    /// The length of [`Record::encode`]'s output.
     ///
     /// # Example
     /// ```
@@ -289,22 +334,12 @@ impl Record {
     /// assert_eq!(record.encoded_len(), record.encode().len());
     /// ```
     pub fn encoded_len(&self) -> usize {
-        let head = 2 + 32;
-        match &self.outcome {
-            Outcome::NotStored(_) => head + 1,
-            Outcome::Response(r) => {
-                head + 2
-                    + headers_len(&r.headers)
-                    + 1
-                    + r.trailers.as_ref().map_or(0, headers_len)
-                    + varint_len(r.body.len() as u64)
-                    + r.body.len()
-            }
-        }
+        self.encoded.len()
     }
 
-    /// Encodes the record compactly: a version byte, the fingerprint, then
-    /// length-prefixed fields; the body is stored as raw bytes, last.
+    /// The record's compact form: a version byte, the fingerprint, then
+    /// length-prefixed fields; the body is stored as raw bytes, last. It is
+    /// what the record holds, so this copies nothing.
     ///
     /// # Example
     /// ```
@@ -314,35 +349,11 @@ impl Record {
     /// assert!(encoded.len() < 1024 + 48);
     /// ```
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.encoded_len());
-        out.put_u8(VERSION);
-        match &self.outcome {
-            Outcome::NotStored(reason) => {
-                out.put_u8(KIND_NOT_STORED);
-                out.put_slice(self.fingerprint.as_bytes());
-                out.put_u8(reason.code());
-            }
-            Outcome::Response(r) => {
-                out.put_u8(KIND_RESPONSE);
-                out.put_slice(self.fingerprint.as_bytes());
-                out.put_u16(r.status.as_u16());
-                put_headers(&mut out, &r.headers);
-                match &r.trailers {
-                    None => out.put_u8(0),
-                    Some(trailers) => {
-                        out.put_u8(1);
-                        put_headers(&mut out, trailers);
-                    }
-                }
-                put_varint(&mut out, r.body.len() as u64);
-                out.put_slice(&r.body);
-            }
-        }
-        out.freeze()
+        self.encoded.clone()
     }
 
-    /// Decodes what [`Record::encode`] wrote. Never panics, whatever the
-    /// bytes; the body and header values share `bytes`' buffer.
+    /// Checks what [`Record::encode`] wrote and makes it a record again.
+    /// Never panics, whatever the bytes; the record keeps `bytes` as they are.
     ///
     /// # Example
     /// ```
@@ -350,57 +361,78 @@ impl Record {
     /// assert!(Record::decode(bytes::Bytes::new()).is_err());
     /// ```
     pub fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
-        let mut input = Reader(bytes);
-        let version = input.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnknownVersion(version));
-        }
-        let kind = input.u8()?;
-        let mut fingerprint = [0; 32];
-        fingerprint.copy_from_slice(&input.take(32)?);
-        let fingerprint = Fingerprint::from_bytes(fingerprint);
-        let outcome = match kind {
-            KIND_NOT_STORED => Outcome::NotStored(NotStored::from_code(input.u8()?)?),
-            KIND_RESPONSE => {
-                let status = u16::from_be_bytes([input.u8()?, input.u8()?]);
-                let status = StatusCode::from_u16(status).map_err(|_| DecodeError::Malformed("status code"))?;
-                let headers = input.headers()?;
-                let trailers = match input.u8()? {
-                    0 => None,
-                    1 => Some(input.headers()?),
-                    _ => return Err(DecodeError::Malformed("trailer flag")),
-                };
-                let len = input.len()?;
-                let body = input.take(len)?;
-                Outcome::Response(Arc::new(StoredResponse { status, headers, body, trailers }))
-            }
-            _ => return Err(DecodeError::Malformed("unknown record kind")),
-        };
-        if !input.0.is_empty() {
-            return Err(DecodeError::Malformed("trailing bytes"));
-        }
-        Ok(Self { fingerprint, outcome })
+        // The response read here only proves that the bytes are whole.
+        let _checked = read(bytes.clone())?;
+        Ok(Self { encoded: bytes })
     }
 }
 
-fn headers_len(headers: &HeaderMap) -> usize {
-    varint_len(headers.len() as u64)
-        + headers
-            .iter()
-            .map(|(name, value)| {
-                let (n, v) = (name.as_str().len(), value.len());
-                varint_len(n as u64) + n + varint_len(v as u64) + v
-            })
-            .sum::<usize>()
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut record = f.debug_struct("Record");
+        record.field("fingerprint", &self.fingerprint());
+        match self.not_stored_reason() {
+            Some(reason) => record.field("not_stored", &reason),
+            None => record.field("status", &u16::from_be_bytes([self.encoded[34], self.encoded[35]])),
+        };
+        record.field("encoded_len", &self.encoded.len()).finish()
+    }
 }
 
-fn put_headers(out: &mut BytesMut, headers: &HeaderMap) {
-    put_varint(out, headers.len() as u64);
-    for (name, value) in headers {
-        put_varint(out, name.as_str().len() as u64);
-        out.put_slice(name.as_str().as_bytes());
-        put_varint(out, value.len() as u64);
-        out.put_slice(value.as_bytes());
+/// Reads a whole record, checking every part of it: its response, or why
+/// it has none.
+fn read(bytes: Bytes) -> Result<Result<StoredResponse, NotStored>, DecodeError> {
+    let mut input = Reader(bytes);
+    let version = input.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let kind = input.u8()?;
+    input.take(FINGERPRINT.len())?;
+    let read = match kind {
+        KIND_NOT_STORED => Err(NotStored::from_code(input.u8()?)?),
+        KIND_RESPONSE => {
+            let status = u16::from_be_bytes([input.u8()?, input.u8()?]);
+            let status = StatusCode::from_u16(status).map_err(|_| DecodeError::Malformed("status code"))?;
+            let headers = input.headers()?;
+            let trailers = match input.u8()? {
+                0 => None,
+                1 => Some(input.headers()?),
+                _ => return Err(DecodeError::Malformed("trailer flag")),
+            };
+            let len = input.len()?;
+            let body = input.take(len)?;
+            Ok(StoredResponse { status, headers, body, trailers })
+        }
+        _ => return Err(DecodeError::Malformed("unknown record kind")),
+    };
+    if !input.0.is_empty() {
+        return Err(DecodeError::Malformed("trailing bytes"));
+    }
+    Ok(read)
+}
+
+/// A header section in the record's encoding: a count, then each name and
+/// value, length-prefixed.
+pub(crate) struct HeaderSection(Vec<u8>);
+
+impl HeaderSection {
+    /// The encoding of the headers of `headers` that `keep` keeps.
+    pub(crate) fn of(headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> Self {
+        let kept = || headers.iter().filter(|(name, _)| keep(name));
+        let (count, len) = kept().fold((0u64, 0usize), |(count, len), (name, value)| {
+            let (n, v) = (name.as_str().len(), value.len());
+            (count + 1, len + varint_len(n as u64) + n + varint_len(v as u64) + v)
+        });
+        let mut out = Vec::with_capacity(varint_len(count) + len);
+        put_varint(&mut out, count);
+        for (name, value) in kept() {
+            put_varint(&mut out, name.as_str().len() as u64);
+            out.put_slice(name.as_str().as_bytes());
+            put_varint(&mut out, value.len() as u64);
+            out.put_slice(value.as_bytes());
+        }
+        Self(out)
     }
 }
 
@@ -413,7 +445,7 @@ fn varint_len(mut value: u64) -> usize {
     len
 }
 
-fn put_varint(out: &mut BytesMut, mut value: u64) {
+fn put_varint(out: &mut impl BufMut, mut value: u64) {
     while value >= 0x80 {
         out.put_u8((value as u8 & 0x7f) | 0x80);
         value >>= 7;

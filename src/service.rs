@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -23,10 +23,11 @@ use tracing::Instrument;
 use crate::{
     BoxError, CompletedStrategy, FailureMode, Fingerprint, IdempotencyContext, IdempotencyKey, InFlightPolicy,
     NotStored, Outcome, Record, RecordId, Rejection, RejectionKind, RequestBody, ResponseBody, ResponseFuture, Scope,
-    StoreResponse, StoredResponse,
+    StoreResponse,
     body::Message,
     layer::Config,
     policy::grpc_to_http,
+    record::HeaderSection,
     store::{Claim, ClaimRequest, Lease, MemoryStore, OwnerToken, Store, StoreError},
 };
 
@@ -706,10 +707,7 @@ impl<St: Store> Execution<St> {
         {
             return self.settle(Settlement::Release).await;
         }
-        let record = match recorder.response() {
-            Ok(response) => Record::new(self.fingerprint, response),
-            Err(reason) => Record::not_stored(self.fingerprint, reason),
-        };
+        let record = recorder.record(self.fingerprint);
         self.settle(Settlement::Complete(record)).await
     }
 
@@ -821,7 +819,8 @@ impl<St: Store> Drop for Execution<St> {
 /// Keeps a copy of the response as it streams, up to the storage cap.
 struct Recorder {
     status: StatusCode,
-    headers: HeaderMap,
+    /// The end-to-end headers, already in the record's encoding.
+    headers: HeaderSection,
     verdict: Option<StoreResponse>,
     chunks: Vec<Bytes>,
     len: usize,
@@ -879,24 +878,12 @@ impl Recorder {
         self.declared_length == Some(self.seen)
     }
 
-    /// The recorded response; called once, it hands its headers over.
-    fn response(&mut self) -> Result<StoredResponse, NotStored> {
+    /// The record of the response, written in one buffer.
+    fn record(&self, fingerprint: Fingerprint) -> Record {
         if self.too_large {
-            return Err(NotStored::TooLarge);
+            return Record::not_stored(fingerprint, NotStored::TooLarge);
         }
-        let body = match self.chunks.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            chunks => {
-                // The one copy of the body into the record.
-                let mut body = BytesMut::with_capacity(self.len);
-                for chunk in chunks {
-                    body.extend_from_slice(chunk);
-                }
-                body.freeze()
-            }
-        };
-        Ok(StoredResponse::new(self.status, std::mem::take(&mut self.headers), body, self.trailers.clone()))
+        Record::recorded(fingerprint, self.status, &self.headers, self.trailers.as_ref(), &self.chunks)
     }
 
     /// The `grpc-status` of the trailers, as an HTTP status.
@@ -907,9 +894,9 @@ impl Recorder {
     }
 }
 
-/// A copy of `headers` without the hop-by-hop ones, which belong to one
-/// connection and must not be replayed on another.
-fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+/// `headers` without the hop-by-hop ones, which belong to one connection
+/// and must not be replayed on another, encoded for the record.
+fn end_to_end(headers: &HeaderMap) -> HeaderSection {
     const HOP_BY_HOP: [&str; 8] = [
         "connection",
         "keep-alive",
@@ -927,13 +914,7 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::try_from(name.trim()).ok())
         .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) && !listed.contains(name) {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
+    HeaderSection::of(headers, |name| !HOP_BY_HOP.contains(&name.as_str()) && !listed.contains(name))
 }
 
 /// The `Location` for the `Accepted` policy: `{key}` replaced by the key,

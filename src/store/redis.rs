@@ -595,8 +595,8 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let fingerprint = request.fingerprint();
         let args: [&[u8]; 4] = [&owner_prefix, fingerprint.as_bytes(), &lease, replace];
         let (value, replicated) = self.script(&CLAIM, &[&keys.record, &keys.fence, &keys.queue], &args, true).await?;
-        let Value::Array(reply) = value else { return Err(unexpected(&value)) };
-        match reply.as_slice() {
+        let Value::Array(mut reply) = value else { return Err(unexpected(&value)) };
+        match reply.as_mut_slice() {
             [Value::Int(0), Value::Int(token)] => {
                 let token = u64::try_from(*token).map_err(|_| unexpected(&reply[1]))?;
                 let lease = Lease::new(self.owner(token), FencingToken::new(token));
@@ -612,7 +612,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 Ok(Claim::InFlight { fingerprint: Fingerprint::from_bytes(fingerprint) })
             }
             [Value::Int(2), Value::BulkString(record)] => {
-                Ok(Claim::Completed(Record::decode(Bytes::from(record.clone()))?))
+                Ok(Claim::Completed(Record::decode(Bytes::from(std::mem::take(record)))?))
             }
             _ => Err(unexpected(&Value::Array(reply))),
         }
