@@ -627,12 +627,6 @@ fn effective_status(status: StatusCode, headers: &HeaderMap) -> StatusCode {
     headers.get("grpc-status").and_then(|value| value.to_str().ok()?.parse().ok()).map_or(status, grpc_to_http)
 }
 
-/// What to do with the record once the response is finished.
-enum Settlement {
-    Complete(Record),
-    Release,
-}
-
 /// A claim held by a running execution: renews its lease while the inner
 /// service runs, and releases it if dropped unsettled (a panic).
 struct Execution<St: Store> {
@@ -705,17 +699,18 @@ impl<St: Store> Execution<St> {
         if let Some(status) = recorder.trailer_status()
             && !self.config.keeps(recorder.verdict, status)
         {
-            return self.settle(Settlement::Release).await;
+            self.release().await;
+            return None;
         }
-        let record = recorder.record(self.fingerprint);
-        self.settle(Settlement::Complete(record)).await
+        let fingerprint = self.fingerprint;
+        self.settle(|| recorder.record(fingerprint)).await
     }
 
     /// Settles a body that failed midway: the request ran, so its key must
     /// never run again, but there is no response to replay.
     async fn fail(&mut self) -> Option<Record> {
-        let record = Record::not_stored(self.fingerprint, NotStored::BodyFailed);
-        self.settle(Settlement::Complete(record)).await
+        let fingerprint = self.fingerprint;
+        self.settle(|| Record::not_stored(fingerprint, NotStored::BodyFailed)).await
     }
 
     async fn body_panicked(&mut self) {
@@ -732,18 +727,14 @@ impl<St: Store> Execution<St> {
         }
     }
 
-    /// Completes or releases the claim once. Returns the record when the
-    /// store failed in a way worth retrying after the client has its answer.
-    async fn settle(&mut self, settlement: Settlement) -> Option<Record> {
-        let record = match settlement {
-            Settlement::Release => {
-                self.release().await;
-                return None;
-            }
-            Settlement::Complete(record) => record,
-        };
+    /// Completes the claim with the record `record` makes. Returns the
+    /// record again when the store failed in a way worth retrying after the
+    /// client has its answer: made twice then, so that the store keeps the
+    /// only handle to it otherwise (a shared handle costs the store a
+    /// reference count, 32 bytes a record).
+    async fn settle(&mut self, record: impl Fn() -> Record) -> Option<Record> {
         self.settled = true;
-        match self.complete(record.clone()).await {
+        match self.complete(record()).await {
             Ok(()) => None,
             Err(StoreError::Full) => {
                 let marker = Record::not_stored(self.fingerprint, NotStored::StoreFull);
@@ -758,7 +749,7 @@ impl<St: Store> Execution<St> {
             }
             Err(error) => {
                 self.config.store_failed(&self.id, "complete", &error);
-                Some(record)
+                Some(record())
             }
         }
     }

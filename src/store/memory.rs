@@ -2,8 +2,8 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, hash_map::RandomState},
-    hash::{BuildHasher, Hasher},
+    collections::{BinaryHeap, hash_map::RandomState},
+    hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use hashbrown::HashTable;
 use tokio::{sync::Notify, time::Instant};
 
 use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
@@ -35,6 +36,9 @@ const PURGE_PER_CALL: usize = 32;
 /// - Leases and retention are honoured: an expired record is gone for every
 ///   call, and its memory is reclaimed as calls pass by.
 /// - Sharded 64 ways with one short lock each; no global lock.
+/// - Compact: a completed record is kept as its encoded bytes beside a
+///   72-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
+///   it takes per record).
 /// - Waiters for an in-flight record are woken when it completes or is
 ///   released, without polling.
 ///
@@ -54,9 +58,14 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
+/// Microseconds since the store's epoch: 8 bytes an entry instead of an
+/// `Instant`'s 16.
+type Micros = u64;
+
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     hasher: IdHashing,
+    epoch: Instant,
     entries: AtomicUsize,
     bytes: AtomicUsize,
     max_entries: usize,
@@ -66,20 +75,42 @@ struct Inner {
 }
 
 struct Shard {
-    map: HashMap<RecordId, Entry, IdHashing>,
-    expiries: BinaryHeap<Reverse<(Instant, RecordId)>>,
+    entries: HashTable<Entry>,
+    /// When entries may have expired, soonest first, with the hash of their
+    /// id. Every entry has a slot no later than its expiry; a slot that comes
+    /// due removes the expired entries of its hash, and moves on to the
+    /// soonest expiry of those still live (a completed record's retention
+    /// outlasts the lease its claim was slotted for).
+    expiries: BinaryHeap<Reverse<(Micros, u64)>>,
 }
 
 struct Entry {
+    id: RecordId,
+    expires_at: Micros,
     state: State,
-    expires_at: Instant,
-    size: usize,
-    waiters: Option<Arc<Notify>>,
 }
 
 enum State {
-    InFlight { owner: OwnerToken, fencing_token: FencingToken, fingerprint: Fingerprint },
+    /// Boxed: in flight is brief, and most entries are completed ones.
+    InFlight(Box<InFlight>),
     Completed(Record),
+}
+
+struct InFlight {
+    owner: OwnerToken,
+    fencing_token: FencingToken,
+    fingerprint: Fingerprint,
+    waiters: Option<Arc<Notify>>,
+}
+
+impl Entry {
+    /// Bytes counted against the byte limit.
+    fn size(&self) -> usize {
+        match &self.state {
+            State::InFlight(_) => IN_FLIGHT_SIZE,
+            State::Completed(record) => ENTRY_OVERHEAD + record.encoded_len(),
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -116,11 +147,10 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS)
-                    .map(|_| {
-                        Mutex::new(Shard { map: HashMap::with_hasher(hasher.clone()), expiries: BinaryHeap::new() })
-                    })
+                    .map(|_| Mutex::new(Shard { entries: HashTable::new(), expiries: BinaryHeap::new() }))
                     .collect(),
                 hasher,
+                epoch: Instant::now(),
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 max_entries,
@@ -166,7 +196,7 @@ impl MemoryStore {
     }
 }
 
-/// Hashes record ids, for the shards and their maps. Ids are SHA-256
+/// Hashes record ids, for the shards and their tables. Ids are SHA-256
 /// digests, uniform already; folding their bits with two secret seeds
 /// (multiplications, as `foldhash` does) keeps a client, who can compute
 /// the ids of its keys, from aiming many keys at one bucket, for a fraction
@@ -176,77 +206,89 @@ struct IdHashing {
     seeds: [u64; 2],
 }
 
-impl BuildHasher for IdHashing {
-    type Hasher = IdHasher;
-
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher { seeds: self.seeds, hash: 0 }
-    }
-}
-
-struct IdHasher {
-    seeds: [u64; 2],
-    hash: u64,
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(16) {
-            let mut words = [0u8; 16];
-            words[..chunk.len()].copy_from_slice(chunk);
-            let low =
-                u64::from_le_bytes([words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]]);
-            let high = u64::from_le_bytes([
-                words[8], words[9], words[10], words[11], words[12], words[13], words[14], words[15],
-            ]);
-            let product = u128::from(low ^ self.hash ^ self.seeds[0]) * u128::from(high ^ self.seeds[1]);
-            self.hash = (product as u64) ^ ((product >> 64) as u64);
+impl IdHashing {
+    fn hash(&self, id: &RecordId) -> u64 {
+        let mut hash = 0;
+        for half in id.as_bytes().chunks_exact(16) {
+            let (low, high) = half.split_at(8);
+            let low = u64::from_le_bytes(low.try_into().unwrap_or_default());
+            let high = u64::from_le_bytes(high.try_into().unwrap_or_default());
+            hash = fold(u128::from(low ^ hash ^ self.seeds[0]) * u128::from(high ^ self.seeds[1]));
         }
+        // One more round, so that a byte of the last half reaches every bit.
+        fold(u128::from(hash ^ self.seeds[0]) * u128::from(self.seeds[1]))
     }
+}
 
-    fn finish(&self) -> u64 {
-        self.hash
-    }
+fn fold(product: u128) -> u64 {
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// `at` plus `duration`, in whole microseconds, saturating.
+fn after(at: Micros, duration: Duration) -> Micros {
+    at.saturating_add(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
 }
 
 impl Inner {
-    fn shard(&self, id: &RecordId) -> MutexGuard<'_, Shard> {
-        // Bits the shard's map uses neither for its buckets (the low ones)
+    fn now(&self) -> Micros {
+        u64::try_from(Instant::now().saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, at: Micros) -> Option<Instant> {
+        self.epoch.checked_add(Duration::from_micros(at))
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // Bits the shard's table uses neither for its buckets (the low ones)
         // nor for its tags (the top seven).
-        let index = ((self.hasher.hash_one(id) >> 32) as usize) % SHARDS;
+        let index = ((hash >> 32) as usize) % SHARDS;
         // A panic while a shard was locked cannot leave an entry half
         // written (every update is one assignment), so poison is ignored.
         self.shards[index].lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn purge(&self, shard: &mut Shard, now: Instant, limit: usize) {
+    /// Handles up to `limit` expiry slots that are due.
+    fn purge(&self, shard: &mut Shard, now: Micros, limit: usize) {
         for _ in 0..limit {
             match shard.expiries.peek() {
                 Some(Reverse((at, _))) if *at <= now => {}
                 _ => return,
             }
-            let Some(Reverse((_, id))) = shard.expiries.pop() else { return };
-            if shard.map.get(&id).is_some_and(|entry| entry.expires_at <= now) {
-                self.remove(shard, &id);
+            let Some(Reverse((_, hash))) = shard.expiries.pop() else { return };
+            while let Ok(expired) = shard.entries.find_entry(hash, |entry| entry.expires_at <= now) {
+                let (entry, _) = expired.remove();
+                self.forget(entry);
+            }
+            let next = shard.entries.iter_hash(hash).map(|entry| entry.expires_at).min();
+            if let Some(next) = next {
+                shard.expiries.push(Reverse((next, hash)));
             }
         }
     }
 
     fn purge_all(&self) {
-        let now = Instant::now();
+        let now = self.now();
         for shard in &*self.shards {
             let mut shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
             self.purge(&mut shard, now, usize::MAX);
         }
     }
 
-    fn remove(&self, shard: &mut Shard, id: &RecordId) {
-        if let Some(entry) = shard.map.remove(id) {
-            self.entries.fetch_sub(1, Ordering::Relaxed);
-            self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-            if let Some(waiters) = entry.waiters {
-                waiters.notify_waiters();
-            }
+    /// Accounts for an entry taken out of its table.
+    fn forget(&self, entry: Entry) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(entry.size(), Ordering::Relaxed);
+        if let State::InFlight(in_flight) = entry.state
+            && let Some(waiters) = in_flight.waiters
+        {
+            waiters.notify_waiters();
+        }
+    }
+
+    fn remove(&self, shard: &mut Shard, hash: u64, id: &RecordId) {
+        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == *id) {
+            let (entry, _) = found.remove();
+            self.forget(entry);
         }
     }
 
@@ -271,6 +313,16 @@ impl Inner {
         reserved
     }
 
+    /// Moves the byte count from an entry's old size to its new one. Never
+    /// refuses: a claim's in-flight size is room it already holds.
+    fn resize(&self, old: usize, new: usize) {
+        if old > new {
+            self.bytes.fetch_sub(old - new, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_add(new - old, Ordering::Relaxed);
+        }
+    }
+
     fn new_lease(&self) -> Lease {
         let fencing = self.fencing.fetch_add(1, Ordering::Relaxed) + 1;
         let owner = (u128::from(self.owner_seed) << 64) | u128::from(fencing);
@@ -282,63 +334,63 @@ impl Inner {
         &self,
         id: &RecordId,
         owner: OwnerToken,
-        f: impl FnOnce(&Self, &mut Shard, Instant) -> Result<T, StoreError>,
+        f: impl FnOnce(&Self, &mut Shard, u64, Micros) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let now = Instant::now();
-        let mut shard = self.shard(id);
+        let now = self.now();
+        let hash = self.hasher.hash(id);
+        let mut shard = self.shard(hash);
         self.purge(&mut shard, now, PURGE_PER_CALL);
-        match shard.map.get(id) {
-            Some(Entry { state: State::InFlight { owner: current, .. }, expires_at, .. })
-                if *current == owner && *expires_at > now =>
+        match shard.entries.find(hash, |entry| entry.id == *id) {
+            Some(Entry { state: State::InFlight(in_flight), expires_at, .. })
+                if in_flight.owner == owner && *expires_at > now =>
             {
-                f(self, &mut shard, now)
+                f(self, &mut shard, hash, now)
             }
             _ => Err(StoreError::NotOwner),
         }
     }
 
     fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
-        let now = Instant::now();
+        let now = self.now();
         let id = request.id();
-        let mut guard = self.shard(&id);
+        let hash = self.hasher.hash(&id);
+        let mut guard = self.shard(hash);
         let shard = &mut *guard;
         self.purge(shard, now, PURGE_PER_CALL);
-        let in_flight = |lease: Lease| State::InFlight {
-            owner: lease.owner(),
-            fencing_token: lease.fencing_token(),
-            fingerprint: request.fingerprint(),
+        let in_flight = |lease: Lease| {
+            State::InFlight(Box::new(InFlight {
+                owner: lease.owner(),
+                fencing_token: lease.fencing_token(),
+                fingerprint: request.fingerprint(),
+                waiters: None,
+            }))
         };
-        match shard.map.get_mut(&id) {
+        match shard.entries.find_mut(hash, |entry| entry.id == id) {
             Some(entry) if entry.expires_at > now => match &entry.state {
-                State::InFlight { fingerprint, .. } => Some(Ok(Claim::InFlight { fingerprint: *fingerprint })),
+                State::InFlight(in_flight) => Some(Ok(Claim::InFlight { fingerprint: in_flight.fingerprint })),
                 State::Completed(record) if !request.replace_completed() => Some(Ok(Claim::Completed(record.clone()))),
                 State::Completed(_) => {
                     let lease = self.new_lease();
-                    if entry.size > IN_FLIGHT_SIZE {
-                        self.bytes.fetch_sub(entry.size - IN_FLIGHT_SIZE, Ordering::Relaxed);
-                    } else {
-                        self.bytes.fetch_add(IN_FLIGHT_SIZE - entry.size, Ordering::Relaxed);
-                    }
-                    entry.size = IN_FLIGHT_SIZE;
+                    self.resize(entry.size(), IN_FLIGHT_SIZE);
                     entry.state = in_flight(lease);
-                    entry.expires_at = now + request.lease();
-                    shard.expiries.push(Reverse((entry.expires_at, id)));
+                    // Sooner than the retention it had: it needs a slot.
+                    entry.expires_at = after(now, request.lease());
+                    shard.expiries.push(Reverse((entry.expires_at, hash)));
                     Some(Ok(Claim::Acquired(lease)))
                 }
             },
             _ => {
-                self.remove(shard, &id);
+                self.remove(shard, hash, &id);
                 if !self.reserve_entry() {
                     // Let the caller reclaim expired records without holding
                     // this shard's lock, then try once more.
                     return None;
                 }
                 let lease = self.new_lease();
-                let expires_at = now + request.lease();
-                shard
-                    .map
-                    .insert(id, Entry { state: in_flight(lease), expires_at, size: IN_FLIGHT_SIZE, waiters: None });
-                shard.expiries.push(Reverse((expires_at, id)));
+                let expires_at = after(now, request.lease());
+                let entry = Entry { id, expires_at, state: in_flight(lease) };
+                shard.entries.insert_unique(hash, entry, |entry| self.hasher.hash(&entry.id));
+                shard.expiries.push(Reverse((expires_at, hash)));
                 Some(Ok(Claim::Acquired(lease)))
             }
         }
@@ -361,51 +413,63 @@ impl Store for MemoryStore {
         record: Record,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |inner, shard, now| {
+        self.inner.with_owned(id, owner, |inner, shard, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
-            let Some(entry) = shard.map.get_mut(id) else { return Err(StoreError::NotOwner) };
-            if size > entry.size {
-                if !inner.reserve_bytes(size - entry.size) {
-                    return Err(StoreError::Full);
-                }
-            } else {
-                inner.bytes.fetch_sub(entry.size - size, Ordering::Relaxed);
+            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) else {
+                return Err(StoreError::NotOwner);
+            };
+            let old = entry.size();
+            if size > old && !inner.reserve_bytes(size - old) {
+                return Err(StoreError::Full);
             }
-            entry.size = size;
-            entry.state = State::Completed(record);
-            entry.expires_at = now + retention;
-            let expires_at = entry.expires_at;
-            if let Some(waiters) = entry.waiters.take() {
+            if size <= old {
+                inner.resize(old, size);
+            }
+            let expires_at = after(now, retention);
+            let sooner = expires_at < entry.expires_at;
+            entry.expires_at = expires_at;
+            let State::InFlight(in_flight) = std::mem::replace(&mut entry.state, State::Completed(record)) else {
+                return Ok(());
+            };
+            if let Some(waiters) = in_flight.waiters {
                 waiters.notify_waiters();
             }
-            shard.expiries.push(Reverse((expires_at, *id)));
+            // A retention shorter than what was left of the lease.
+            if sooner {
+                shard.expiries.push(Reverse((expires_at, hash)));
+            }
             Ok(())
         })
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |inner, shard, _| {
-            inner.remove(shard, id);
+        self.inner.with_owned(id, owner, |inner, shard, hash, _| {
+            inner.remove(shard, hash, id);
             Ok(())
         })
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |_, shard, now| {
-            if let Some(entry) = shard.map.get_mut(id) {
-                entry.expires_at = now + lease;
-                shard.expiries.push(Reverse((now + lease, *id)));
+        self.inner.with_owned(id, owner, |_, shard, hash, now| {
+            if let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) {
+                let expires_at = after(now, lease);
+                if expires_at < entry.expires_at {
+                    shard.expiries.push(Reverse((expires_at, hash)));
+                }
+                entry.expires_at = expires_at;
             }
             Ok(())
         })
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
-        let now = Instant::now();
-        let shard = self.inner.shard(id);
-        Ok(shard.map.get(id).filter(|entry| entry.expires_at > now).map(|entry| match &entry.state {
-            State::InFlight { fingerprint, fencing_token, .. } => {
-                RecordState::InFlight { fingerprint: *fingerprint, fencing_token: *fencing_token }
+        let now = self.inner.now();
+        let hash = self.inner.hasher.hash(id);
+        let shard = self.inner.shard(hash);
+        let entry = shard.entries.find(hash, |entry| entry.id == *id).filter(|entry| entry.expires_at > now);
+        Ok(entry.map(|entry| match &entry.state {
+            State::InFlight(in_flight) => {
+                RecordState::InFlight { fingerprint: in_flight.fingerprint, fencing_token: in_flight.fencing_token }
             }
             State::Completed(record) => RecordState::Completed(record.clone()),
         }))
@@ -413,16 +477,18 @@ impl Store for MemoryStore {
 
     async fn wait(&self, id: &RecordId, timeout: Duration) {
         let notified = {
-            let now = Instant::now();
-            let mut shard = self.inner.shard(id);
-            let Some(entry) = shard.map.get_mut(id) else { return };
-            if entry.expires_at <= now || !matches!(entry.state, State::InFlight { .. }) {
+            let now = self.inner.now();
+            let hash = self.inner.hasher.hash(id);
+            let mut shard = self.inner.shard(hash);
+            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) else { return };
+            let State::InFlight(in_flight) = &mut entry.state else { return };
+            if entry.expires_at <= now {
                 return;
             }
             // Wake up by the lease's end at the latest: an expired lease
             // sends no signal.
-            let deadline = entry.expires_at.min(now + timeout);
-            let waiters = entry.waiters.get_or_insert_with(Default::default).clone();
+            let deadline = self.inner.instant(entry.expires_at.min(after(now, timeout)));
+            let waiters = in_flight.waiters.get_or_insert_with(Default::default).clone();
             // Registered under the shard lock, so a completion that follows
             // cannot be missed.
             let mut notified = Box::pin(waiters.notified_owned());
@@ -430,7 +496,10 @@ impl Store for MemoryStore {
             (notified, deadline)
         };
         let (notified, deadline) = notified;
-        let _ = tokio::time::timeout_at(deadline, notified).await;
+        match deadline {
+            Some(deadline) => drop(tokio::time::timeout_at(deadline, notified).await),
+            None => drop(tokio::time::timeout(timeout, notified).await),
+        }
     }
 }
 
@@ -447,7 +516,7 @@ mod tests {
             for value in 0..=255u8 {
                 let mut bytes = [0x5a; 32];
                 bytes[position] = value;
-                let hash = store.inner.hasher.hash_one(RecordId::from_bytes(bytes));
+                let hash = store.inner.hasher.hash(&RecordId::from_bytes(bytes));
                 shards.insert((hash >> 32) % SHARDS as u64);
                 hashes.insert(hash & 0xfff);
             }
@@ -497,5 +566,73 @@ mod tests {
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
         assert_eq!((store.len(), store.bytes()), (1, IN_FLIGHT_SIZE));
+    }
+
+    #[test]
+    fn an_entry_is_72_bytes_besides_its_record() {
+        assert!(size_of::<Entry>() <= 72, "{} bytes", size_of::<Entry>());
+    }
+
+    /// A one-entry store answers `Full` while its record is held, so a
+    /// second claim tells whether the first record's room came back.
+    async fn room_is_free(store: &MemoryStore, id: u8) -> bool {
+        match store.claim(request(id)).await {
+            Ok(Claim::Acquired(lease)) => {
+                store.release(&request(id).id(), lease.owner()).await.unwrap();
+                true
+            }
+            Err(StoreError::Full) => false,
+            other => panic!("unexpected claim: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_kept_past_its_lease_is_reclaimed_when_its_retention_ends() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(60)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!room_is_free(&store, 2).await, "reclaimed at its lease's end");
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Completed(_))));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(room_is_free(&store, 2).await);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retention_shorter_than_the_lease_frees_the_room_at_its_end() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(1)).await.unwrap();
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!room_is_free(&store, 2).await);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(room_is_free(&store, 2).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_claim_keeps_its_room_until_the_renewal_ends() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        tokio::time::advance(Duration::from_secs(20)).await;
+        store.renew(&request(1).id(), lease.owner(), Duration::from_secs(30)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!room_is_free(&store, 2).await);
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::InFlight { .. })));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(room_is_free(&store, 2).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completed_record_claimed_again_to_rerun_expires_with_its_new_lease() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(3600)).await.unwrap();
+        let rerun = request(1).with_replace_completed(true);
+        assert!(matches!(store.claim(rerun).await, Ok(Claim::Acquired(_))));
+        assert_eq!(store.bytes(), IN_FLIGHT_SIZE);
+        // The rerun is abandoned: its lease, not the old retention, ends it.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(room_is_free(&store, 2).await);
     }
 }
