@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -474,7 +474,8 @@ async fn execute_detached<S, St, B, ResB>(
         match polled {
             Poll::Pending => break,
             Poll::Ready(Some(Ok(frame))) => {
-                recorder.push(&frame);
+                // Kept in `early` alone until the body turns out to stream.
+                recorder.observe(&frame);
                 match frame.into_data() {
                     Ok(data) => {
                         early_len += data.len();
@@ -503,7 +504,7 @@ async fn execute_detached<S, St, B, ResB>(
     }
     if ended {
         // The body finished without ever waiting.
-        let retry = claim.finish(&mut recorder).await;
+        let retry = claim.finish(&recorder, early.make_contiguous()).await;
         let trailers = recorder.trailers.clone();
         let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(early, trailers))));
         claim.settle_later(retry).await;
@@ -515,6 +516,7 @@ async fn execute_detached<S, St, B, ResB>(
     // settled, so a client that has the whole response and sends the same
     // key again gets the replay, never a 409.
     let (frames, client_frames) = mpsc::channel(STREAM_BUFFER);
+    recorder.adopt(&early);
     let head = Response::from_parts(parts, ResponseBody::streamed(early, client_frames));
     let mut client = answer.send(Ok(head)).is_ok().then_some(frames);
     loop {
@@ -530,7 +532,7 @@ async fn execute_detached<S, St, B, ResB>(
             Some(Ok(frame)) => {
                 recorder.push(&frame);
                 if frame.is_trailers() || body.is_end_stream() || recorder.reached_declared_length() {
-                    let retry = claim.finish(&mut recorder).await;
+                    let retry = claim.finish(&recorder, &recorder.chunks).await;
                     claim.send(&mut client, Message::Frame(frame)).await;
                     claim.send(&mut client, Message::End).await;
                     claim.settle_later(retry).await;
@@ -539,7 +541,7 @@ async fn execute_detached<S, St, B, ResB>(
                 claim.send(&mut client, Message::Frame(frame)).await;
             }
             None => {
-                let retry = claim.finish(&mut recorder).await;
+                let retry = claim.finish(&recorder, &recorder.chunks).await;
                 claim.send(&mut client, Message::End).await;
                 claim.settle_later(retry).await;
                 return;
@@ -695,7 +697,7 @@ impl<St: Store> Execution<St> {
 
     /// Settles a body that ended cleanly: a `grpc-status` in its trailers
     /// meets the storage rule again, now that it is known.
-    async fn finish(&mut self, recorder: &mut Recorder) -> Option<Record> {
+    async fn finish(&mut self, recorder: &Recorder, body: &[Bytes]) -> Option<Record> {
         if let Some(status) = recorder.trailer_status()
             && !self.config.keeps(recorder.verdict, status)
         {
@@ -703,7 +705,7 @@ impl<St: Store> Execution<St> {
             return None;
         }
         let fingerprint = self.fingerprint;
-        self.settle(|| recorder.record(fingerprint)).await
+        self.settle(|| recorder.record(fingerprint, body)).await
     }
 
     /// Settles a body that failed midway: the request ran, so its key must
@@ -845,7 +847,8 @@ impl Recorder {
         }
     }
 
-    fn push(&mut self, frame: &Frame<Bytes>) {
+    /// Records a frame whose data the caller keeps.
+    fn observe(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
             self.seen += data.len() as u64;
             if self.too_large {
@@ -855,11 +858,28 @@ impl Recorder {
             if self.len > self.limit {
                 self.too_large = true;
                 self.chunks = Vec::new();
-            } else if !data.is_empty() {
-                self.chunks.push(data.clone());
             }
         } else if let Some(trailers) = frame.trailers_ref() {
             self.trailers = Some(trailers.clone());
+        }
+    }
+
+    /// Records a frame, keeping its data.
+    fn push(&mut self, frame: &Frame<Bytes>) {
+        self.observe(frame);
+        if let Some(data) = frame.data_ref()
+            && !self.too_large
+            && !data.is_empty()
+        {
+            self.chunks.push(data.clone());
+        }
+    }
+
+    /// Keeps the data of the frames [`Recorder::observe`] saw, once the
+    /// body streams and they go to the client.
+    fn adopt(&mut self, early: &VecDeque<Bytes>) {
+        if !self.too_large {
+            self.chunks.extend(early.iter().filter(|data| !data.is_empty()).cloned());
         }
     }
 
@@ -869,12 +889,13 @@ impl Recorder {
         self.declared_length == Some(self.seen)
     }
 
-    /// The record of the response, written in one buffer.
-    fn record(&self, fingerprint: Fingerprint) -> Record {
+    /// The record of the response whose body is `body`, written in one
+    /// buffer.
+    fn record(&self, fingerprint: Fingerprint, body: &[Bytes]) -> Record {
         if self.too_large {
             return Record::not_stored(fingerprint, NotStored::TooLarge);
         }
-        Record::recorded(fingerprint, self.status, &self.headers, self.trailers.as_ref(), &self.chunks)
+        Record::recorded(fingerprint, self.status, &self.headers, self.trailers.as_ref(), body)
     }
 
     /// The `grpc-status` of the trailers, as an HTTP status.
@@ -932,12 +953,33 @@ where
     if body.size_hint().lower() > limit as u64 {
         return Err(RejectionKind::BodyTooLarge);
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => {
-            let trailers = collected.trailers().cloned();
-            Ok((collected.to_bytes(), trailers))
+    let mut body = pin!(Limited::new(body, limit));
+    // A body in one chunk (the common case) is kept as it came; more are
+    // joined into one buffer.
+    let (mut first, mut joined) = (Bytes::new(), BytesMut::new());
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) if error.is::<LengthLimitError>() => return Err(RejectionKind::BodyTooLarge),
+            Err(_) => return Err(RejectionKind::InvalidBody),
+        };
+        match frame.into_data() {
+            Ok(data) if first.is_empty() && joined.is_empty() => first = data,
+            Ok(data) => {
+                if joined.is_empty() {
+                    joined.reserve(first.len() + data.len());
+                    joined.extend_from_slice(&std::mem::take(&mut first));
+                }
+                joined.extend_from_slice(&data);
+            }
+            Err(frame) => {
+                if let Ok(more) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                }
+            }
         }
-        Err(error) if error.is::<LengthLimitError>() => Err(RejectionKind::BodyTooLarge),
-        Err(_) => Err(RejectionKind::InvalidBody),
     }
+    let body = if joined.is_empty() { first } else { joined.freeze() };
+    Ok((body, trailers))
 }
