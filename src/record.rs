@@ -265,6 +265,12 @@ impl Record {
         Self { encoded: Bytes::from(out) }
     }
 
+    /// A copy of the record in a buffer of its own, which leaves this one
+    /// unshared.
+    pub(crate) fn copied(&self) -> Self {
+        Self { encoded: Bytes::copy_from_slice(&self.encoded) }
+    }
+
     /// The fingerprint of the request that made this record.
     ///
     /// # Example

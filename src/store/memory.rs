@@ -27,6 +27,11 @@ const ENTRY_OVERHEAD: usize = 160;
 const IN_FLIGHT_SIZE: usize = ENTRY_OVERHEAD + 64;
 /// Expired entries removed per call, so no call pays for a large backlog.
 const PURGE_PER_CALL: usize = 32;
+/// Records up to this size are copied out for each replay rather than
+/// shared: sharing gives a record's buffer a reference count for as long
+/// as it is kept (32 bytes of heap, a lot beside a small record), while a
+/// copy of a few KiB costs well under a microsecond.
+const COPY_LIMIT: usize = 4096;
 
 /// A bounded in-memory store, for one process.
 ///
@@ -37,8 +42,9 @@ const PURGE_PER_CALL: usize = 32;
 ///   call, and its memory is reclaimed as calls pass by.
 /// - Sharded 64 ways with one short lock each; no global lock.
 /// - Compact: a completed record is kept as its encoded bytes beside a
-///   72-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
-///   it takes per record).
+///   56-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
+///   it takes per record). Records up to 4 KiB are copied for each replay,
+///   larger ones shared.
 /// - Waiters for an in-flight record are woken when it completes or is
 ///   released, without polling.
 ///
@@ -85,9 +91,22 @@ struct Shard {
 }
 
 struct Entry {
-    id: RecordId,
+    id: IdPrefix,
     expires_at: Micros,
     state: State,
+}
+
+/// The first 16 bytes of a record id, which is what an entry keeps of it.
+/// Ids are SHA-256 digests of (namespace, scope, key): two that share 128
+/// bits take about 2^64 hashes to find, and could then only be two keys of
+/// the same client (its scope is in both); to hit another client's record
+/// would take a second preimage, about 2^128.
+type IdPrefix = [u8; 16];
+
+fn prefix(id: &RecordId) -> IdPrefix {
+    let mut prefix = [0; 16];
+    prefix.copy_from_slice(&id.as_bytes()[..16]);
+    prefix
 }
 
 enum State {
@@ -207,21 +226,24 @@ struct IdHashing {
 }
 
 impl IdHashing {
-    fn hash(&self, id: &RecordId) -> u64 {
-        let mut hash = 0;
-        for half in id.as_bytes().chunks_exact(16) {
-            let (low, high) = half.split_at(8);
-            let low = u64::from_le_bytes(low.try_into().unwrap_or_default());
-            let high = u64::from_le_bytes(high.try_into().unwrap_or_default());
-            hash = fold(u128::from(low ^ hash ^ self.seeds[0]) * u128::from(high ^ self.seeds[1]));
-        }
-        // One more round, so that a byte of the last half reaches every bit.
+    fn hash(&self, id: &IdPrefix) -> u64 {
+        let (low, high) = id.split_at(8);
+        let low = u64::from_le_bytes(low.try_into().unwrap_or_default());
+        let high = u64::from_le_bytes(high.try_into().unwrap_or_default());
+        let hash = fold(u128::from(low ^ self.seeds[0]) * u128::from(high ^ self.seeds[1]));
+        // One more round, so that every byte reaches every bit.
         fold(u128::from(hash ^ self.seeds[0]) * u128::from(self.seeds[1]))
     }
 }
 
 fn fold(product: u128) -> u64 {
     (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// A kept record for a caller: copied when small, shared when large (see
+/// [`COPY_LIMIT`]).
+fn hand_out(record: &Record) -> Record {
+    if record.encoded_len() <= COPY_LIMIT { record.copied() } else { record.clone() }
 }
 
 /// `at` plus `duration`, in whole microseconds, saturating.
@@ -286,7 +308,7 @@ impl Inner {
     }
 
     fn remove(&self, shard: &mut Shard, hash: u64, id: &RecordId) {
-        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == *id) {
+        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == prefix(id)) {
             let (entry, _) = found.remove();
             self.forget(entry);
         }
@@ -337,10 +359,10 @@ impl Inner {
         f: impl FnOnce(&Self, &mut Shard, u64, Micros) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let now = self.now();
-        let hash = self.hasher.hash(id);
+        let hash = self.hasher.hash(&prefix(id));
         let mut shard = self.shard(hash);
         self.purge(&mut shard, now, PURGE_PER_CALL);
-        match shard.entries.find(hash, |entry| entry.id == *id) {
+        match shard.entries.find(hash, |entry| entry.id == prefix(id)) {
             Some(Entry { state: State::InFlight(in_flight), expires_at, .. })
                 if in_flight.owner == owner && *expires_at > now =>
             {
@@ -353,7 +375,7 @@ impl Inner {
     fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
         let now = self.now();
         let id = request.id();
-        let hash = self.hasher.hash(&id);
+        let hash = self.hasher.hash(&prefix(&id));
         let mut guard = self.shard(hash);
         let shard = &mut *guard;
         self.purge(shard, now, PURGE_PER_CALL);
@@ -365,10 +387,12 @@ impl Inner {
                 waiters: None,
             }))
         };
-        match shard.entries.find_mut(hash, |entry| entry.id == id) {
+        match shard.entries.find_mut(hash, |entry| entry.id == prefix(&id)) {
             Some(entry) if entry.expires_at > now => match &entry.state {
                 State::InFlight(in_flight) => Some(Ok(Claim::InFlight { fingerprint: in_flight.fingerprint })),
-                State::Completed(record) if !request.replace_completed() => Some(Ok(Claim::Completed(record.clone()))),
+                State::Completed(record) if !request.replace_completed() => {
+                    Some(Ok(Claim::Completed(hand_out(record))))
+                }
                 State::Completed(_) => {
                     let lease = self.new_lease();
                     self.resize(entry.size(), IN_FLIGHT_SIZE);
@@ -388,7 +412,7 @@ impl Inner {
                 }
                 let lease = self.new_lease();
                 let expires_at = after(now, request.lease());
-                let entry = Entry { id, expires_at, state: in_flight(lease) };
+                let entry = Entry { id: prefix(&id), expires_at, state: in_flight(lease) };
                 shard.entries.insert_unique(hash, entry, |entry| self.hasher.hash(&entry.id));
                 shard.expiries.push(Reverse((expires_at, hash)));
                 Some(Ok(Claim::Acquired(lease)))
@@ -415,7 +439,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         self.inner.with_owned(id, owner, |inner, shard, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
-            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) else {
+            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else {
                 return Err(StoreError::NotOwner);
             };
             let old = entry.size();
@@ -451,7 +475,7 @@ impl Store for MemoryStore {
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
         self.inner.with_owned(id, owner, |_, shard, hash, now| {
-            if let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) {
+            if let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) {
                 let expires_at = after(now, lease);
                 if expires_at < entry.expires_at {
                     shard.expiries.push(Reverse((expires_at, hash)));
@@ -464,23 +488,23 @@ impl Store for MemoryStore {
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         let now = self.inner.now();
-        let hash = self.inner.hasher.hash(id);
+        let hash = self.inner.hasher.hash(&prefix(id));
         let shard = self.inner.shard(hash);
-        let entry = shard.entries.find(hash, |entry| entry.id == *id).filter(|entry| entry.expires_at > now);
+        let entry = shard.entries.find(hash, |entry| entry.id == prefix(id)).filter(|entry| entry.expires_at > now);
         Ok(entry.map(|entry| match &entry.state {
             State::InFlight(in_flight) => {
                 RecordState::InFlight { fingerprint: in_flight.fingerprint, fencing_token: in_flight.fencing_token }
             }
-            State::Completed(record) => RecordState::Completed(record.clone()),
+            State::Completed(record) => RecordState::Completed(hand_out(record)),
         }))
     }
 
     async fn wait(&self, id: &RecordId, timeout: Duration) {
         let notified = {
             let now = self.inner.now();
-            let hash = self.inner.hasher.hash(id);
+            let hash = self.inner.hasher.hash(&prefix(id));
             let mut shard = self.inner.shard(hash);
-            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == *id) else { return };
+            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else { return };
             let State::InFlight(in_flight) = &mut entry.state else { return };
             if entry.expires_at <= now {
                 return;
@@ -510,13 +534,14 @@ mod tests {
     #[test]
     fn ids_that_differ_in_any_byte_spread_over_shards_and_buckets() {
         let store = MemoryStore::new();
-        for position in [0, 15, 16, 31] {
+        // An entry keeps, and its hash reads, the first 16 bytes of the id.
+        for position in [0, 7, 8, 15] {
             let mut shards = std::collections::HashSet::new();
             let mut hashes = std::collections::HashSet::new();
             for value in 0..=255u8 {
                 let mut bytes = [0x5a; 32];
                 bytes[position] = value;
-                let hash = store.inner.hasher.hash(&RecordId::from_bytes(bytes));
+                let hash = store.inner.hasher.hash(&prefix(&RecordId::from_bytes(bytes)));
                 shards.insert((hash >> 32) % SHARDS as u64);
                 hashes.insert(hash & 0xfff);
             }
@@ -569,8 +594,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_72_bytes_besides_its_record() {
-        assert!(size_of::<Entry>() <= 72, "{} bytes", size_of::<Entry>());
+    fn an_entry_is_56_bytes_besides_its_record() {
+        assert!(size_of::<Entry>() <= 56, "{} bytes", size_of::<Entry>());
     }
 
     /// A one-entry store answers `Full` while its record is held, so a
