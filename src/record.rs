@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::Fingerprint;
@@ -394,7 +394,7 @@ fn read(bytes: Bytes) -> Result<Result<StoredResponse, NotStored>, DecodeError> 
         return Err(DecodeError::UnknownVersion(version));
     }
     let kind = input.u8()?;
-    input.take(FINGERPRINT.len())?;
+    input.skip(FINGERPRINT.len())?;
     let read = match kind {
         KIND_NOT_STORED => Err(NotStored::from_code(input.u8()?)?),
         KIND_RESPONSE => {
@@ -462,10 +462,20 @@ fn put_varint(out: &mut impl BufMut, mut value: u64) {
 struct Reader(Bytes);
 
 impl Reader {
+    // Moving on (`advance`) touches no reference count; only what the
+    // record hands out (`take`: header values, the body) shares the buffer.
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        let (&first, _) = self.0.split_first().ok_or(DecodeError::Truncated)?;
-        self.0 = self.0.slice(1..);
+        let first = *self.0.first().ok_or(DecodeError::Truncated)?;
+        self.0.advance(1);
         Ok(first)
+    }
+
+    fn skip(&mut self, len: usize) -> Result<(), DecodeError> {
+        if len > self.0.len() {
+            return Err(DecodeError::Truncated);
+        }
+        self.0.advance(len);
+        Ok(())
     }
 
     fn take(&mut self, len: usize) -> Result<Bytes, DecodeError> {
@@ -500,11 +510,12 @@ impl Reader {
 
     fn headers(&mut self) -> Result<HeaderMap, DecodeError> {
         let count = self.len()?;
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for one more: a replay adds its marker.
+        let mut headers = HeaderMap::with_capacity(count + 1);
         for _ in 0..count {
             let len = self.len()?;
-            let name = self.take(len)?;
-            let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError::Malformed("header name"))?;
+            let name = HeaderName::from_bytes(&self.0[..len]).map_err(|_| DecodeError::Malformed("header name"))?;
+            self.skip(len)?;
             let len = self.len()?;
             let value = self.take(len)?;
             let value = HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::Malformed("header value"))?;

@@ -33,6 +33,9 @@ use crate::{
 
 /// The header added to every replayed response.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// [`REPLAYED_HEADER`], checked once when compiled rather than on each
+/// replay.
+const REPLAYED: HeaderName = HeaderName::from_static(REPLAYED_HEADER);
 
 /// Frames buffered between the recording task and a slow client.
 const STREAM_BUFFER: usize = 4;
@@ -336,7 +339,7 @@ impl<St: Store> Guarded<St> {
         match record.into_response() {
             Ok(stored) => {
                 let (status, mut headers, body, trailers) = stored.into_parts();
-                headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                headers.insert(REPLAYED, HeaderValue::from_static("true"));
                 let mut response = Response::new(ResponseBody::with_trailers(body, trailers));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
