@@ -293,7 +293,10 @@ impl<St: Store> Guarded<St> {
                             config.note(Outcome::FailedOpen, &id);
                             let request = Request::from_parts(parts, RequestBody::buffered(body, trailers));
                             let mut inner = inner;
-                            inner.call(request).await.map(|response| response.map(ResponseBody::inner))
+                            // Boxed: held inline, this rare path's future
+                            // would more than double the size of every
+                            // guarded request's (5.3 KB against 2.1 KB).
+                            Box::pin(inner.call(request)).await.map(|response| response.map(ResponseBody::inner))
                         }
                         _ => Ok(config.reject(RejectionKind::StoreUnavailable, self.grpc)),
                     };
