@@ -350,13 +350,36 @@ impl<P: RedisPool> RedisStore<P> {
     /// assert!(key.starts_with("idem:{") && key.ends_with(&format!(":{}", "ab".repeat(16))));
     /// ```
     pub fn record_key(&self, id: &RecordId) -> String {
-        format!("{}{{{}}}:{}", self.inner.prefix, tag(id), &id.to_hex()[..32])
+        self.key(id, KeyEnd::Record(""))
     }
 
     fn keys(&self, id: &RecordId) -> Keys {
-        let record = self.record_key(id);
-        let tagged = format!("{}{{{}}}:", self.inner.prefix, tag(id));
-        Keys { fence: format!("{tagged}fence"), waiters: format!("{record}:w"), queue: format!("{record}:q"), record }
+        Keys {
+            record: self.record_key(id),
+            fence: self.key(id, KeyEnd::Fence),
+            waiters: self.key(id, KeyEnd::Record(":w")),
+            queue: self.key(id, KeyEnd::Record(":q")),
+        }
+    }
+
+    /// `{prefix}{tag}:` and then the end: `fence`, or the first 16 bytes
+    /// of the id in hex and a suffix. Written by hand: `format!` costs
+    /// more than the rest of building a call.
+    fn key(&self, id: &RecordId, end: KeyEnd) -> String {
+        let (prefix, tag) = (&self.inner.prefix, tag(id));
+        let mut key = String::with_capacity(prefix.len() + tag.len() + 3 + 32 + 6);
+        key.push_str(prefix);
+        key.push('{');
+        key.push_str(tag);
+        key.push_str("}:");
+        match end {
+            KeyEnd::Fence => key.push_str("fence"),
+            KeyEnd::Record(suffix) => {
+                crate::key::push_hex(&mut key, &id.as_bytes()[..16]);
+                key.push_str(suffix);
+            }
+        }
+        key
     }
 
     fn owner(&self, fencing: u64) -> OwnerToken {
@@ -553,6 +576,13 @@ impl<P: RedisPool> RedisStore<P> {
             (other, _) => Err(unexpected(&other)),
         }
     }
+}
+
+/// What a key ends with after its prefix and slot tag.
+enum KeyEnd {
+    Fence,
+    /// The id, then this suffix.
+    Record(&'static str),
 }
 
 struct Keys {
@@ -955,5 +985,20 @@ mod tests {
         let record = format!("idem:{{{tag}}}:{}", id.to_hex());
         let fence = format!("idem:{{{tag}}}:fence");
         assert_eq!(slot_of(record.as_bytes()), slot_of(fence.as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn key_names_keep_their_layout() {
+        // Records written by earlier versions must still be found.
+        let pool =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let store = RedisStore::new(pool.unwrap());
+        let id = RecordId::from_bytes([0x5a; 32]);
+        let (tag, hex) = (tag(&id), &id.to_hex()[..32]);
+        let keys = store.keys(&id);
+        assert_eq!(keys.record, format!("idem:{{{tag}}}:{hex}"));
+        assert_eq!(keys.fence, format!("idem:{{{tag}}}:fence"));
+        assert_eq!(keys.waiters, format!("idem:{{{tag}}}:{hex}:w"));
+        assert_eq!(keys.queue, format!("idem:{{{tag}}}:{hex}:q"));
     }
 }
