@@ -158,15 +158,17 @@ pub(crate) async fn with_timeout<T>(
 /// runs a second time (it yields once to make sure it does): a future that
 /// is ready at once (a memory store call) or as soon as the connection's
 /// task has run again (a request body already in the connection's buffer)
-/// never touches it. Arming a timer in an empty timer wheel wakes the
-/// thread that sleeps on it, which costs more than the rest of a request.
+/// never touches it, nor reads the clock. Arming a timer in an empty timer
+/// wheel wakes the thread that sleeps on it, which costs more than the rest
+/// of a request. The timeout counts from the first poll.
 pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F::Output> {
-    let deadline = Instant::now() + timeout;
+    let mut started = None;
     let mut future = pin!(future);
     let mut yielded = false;
     let early = poll_fn(|cx| match future.as_mut().poll(cx) {
         Poll::Ready(output) => Poll::Ready(Some(output)),
         Poll::Pending if !yielded => {
+            started = Some(Instant::now());
             yielded = true;
             cx.waker().wake_by_ref();
             Poll::Pending
@@ -176,7 +178,10 @@ pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F:
     .await;
     match early {
         Some(output) => Some(output),
-        None => tokio::time::timeout_at(deadline, future).await.ok(),
+        None => {
+            let deadline = started.unwrap_or_else(Instant::now) + timeout;
+            tokio::time::timeout_at(deadline, future).await.ok()
+        }
     }
 }
 
