@@ -127,6 +127,11 @@ pub enum NotStored {
     BodyFailed,
     /// The store refused the full record (it was full).
     StoreFull,
+    /// The recorded response could not be read back: it had a header value
+    /// made with the unsafe `HeaderValue::from_maybe_shared_unchecked` that
+    /// is not a valid one (`http` checks that only in debug builds). Safe
+    /// code cannot make such a record.
+    Unreadable,
 }
 
 impl NotStored {
@@ -135,6 +140,7 @@ impl NotStored {
             Self::TooLarge => 0,
             Self::BodyFailed => 1,
             Self::StoreFull => 2,
+            Self::Unreadable => 3,
         }
     }
 
@@ -143,6 +149,7 @@ impl NotStored {
             0 => Self::TooLarge,
             1 => Self::BodyFailed,
             2 => Self::StoreFull,
+            3 => Self::Unreadable,
             _ => return Err(DecodeError::Malformed("unknown not-stored reason")),
         })
     }
@@ -323,11 +330,9 @@ impl Record {
     /// assert_eq!(record.into_response(), Ok(response));
     /// ```
     pub fn into_response(self) -> Result<StoredResponse, NotStored> {
-        match read(self.encoded) {
-            Ok(read) => read,
-            // Every record was written or checked when it was made.
-            Err(error) => unreachable!("a record that was checked when made does not read: {error}"),
-        }
+        // A record is checked when decoded, and written from valid parts
+        // otherwise; only a header value made unchecked can fail here.
+        read(self.encoded).unwrap_or(Err(NotStored::Unreadable))
     }
 
     /// The length of [`Record::encode`]'s output.
@@ -582,6 +587,21 @@ mod tests {
                 let _ = Record::decode(Bytes::from(corrupt));
             }
         }
+    }
+
+    #[test]
+    fn a_record_that_does_not_read_back_is_unreadable_not_a_panic() {
+        // As a header value made with `from_maybe_shared_unchecked` (in a
+        // release build, where it is not checked) would be written.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ok", "fine".parse().unwrap());
+        let response = StoredResponse::new(StatusCode::OK, headers, Bytes::from_static(b"paid"), None);
+        let mut bytes = Record::new(Fingerprint::from_bytes([1; 32]), response).encode().to_vec();
+        let at = bytes.windows(4).position(|w| w == b"fine").unwrap();
+        bytes[at + 2] = b'\n';
+        let record = Record { encoded: Bytes::from(bytes.clone()) };
+        assert_eq!(record.into_response(), Err(NotStored::Unreadable));
+        assert!(Record::decode(Bytes::from(bytes)).is_err(), "decoding refuses it outright");
     }
 
     #[test]

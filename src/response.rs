@@ -185,6 +185,7 @@ impl RejectionKind {
                     NotStored::TooLarge => "it was larger than the storage limit",
                     NotStored::BodyFailed => "its body failed while it was sent",
                     NotStored::StoreFull => "the store was full",
+                    NotStored::Unreadable => "it could not be read back",
                 };
                 format!("The request with this key was processed, but its response cannot be replayed because {why}.")
             }

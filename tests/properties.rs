@@ -87,7 +87,12 @@ fn record() -> impl Strategy<Value = Record> {
         .prop_map(|(status, headers, body, trailers)| {
             StoredResponse::new(StatusCode::from_u16(status).unwrap(), headers, Bytes::from(body), trailers)
         });
-    let not_stored = prop_oneof![Just(NotStored::TooLarge), Just(NotStored::BodyFailed), Just(NotStored::StoreFull)];
+    let not_stored = prop_oneof![
+        Just(NotStored::TooLarge),
+        Just(NotStored::BodyFailed),
+        Just(NotStored::StoreFull),
+        Just(NotStored::Unreadable)
+    ];
     prop_oneof![
         4 => (fingerprint.clone(), response).prop_map(|(fp, response)| Record::new(fp, response)),
         1 => (fingerprint, not_stored).prop_map(|(fp, reason)| Record::not_stored(fp, reason)),
