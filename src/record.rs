@@ -171,7 +171,9 @@ impl NotStored {
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Always well formed: every way to make a record writes or checks it.
+    /// Always well framed: every way to make a record writes or checks it.
+    /// (Its header values read back too, unless one was made unchecked:
+    /// see [`NotStored::Unreadable`].)
     encoded: Bytes,
 }
 

@@ -857,7 +857,7 @@ return {0, t}
 "#,
 );
 
-/// Wakes the waiters registered on KEYS[2] by pushing to the queue KEYS[3].
+/// Wakes the waiters registered on `KEYS[2]` by pushing to the queue `KEYS[3]`.
 macro_rules! wake_waiters {
     () => {
         r#"
