@@ -386,7 +386,10 @@ impl fmt::Debug for Record {
         record.field("fingerprint", &self.fingerprint());
         match self.not_stored_reason() {
             Some(reason) => record.field("not_stored", &reason),
-            None => record.field("status", &u16::from_be_bytes([self.encoded[34], self.encoded[35]])),
+            None => {
+                let status = &self.encoded[FINGERPRINT.end..FINGERPRINT.end + 2];
+                record.field("status", &u16::from_be_bytes([status[0], status[1]]))
+            }
         };
         record.field("encoded_len", &self.encoded.len()).finish()
     }

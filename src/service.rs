@@ -162,14 +162,13 @@ pub(crate) async fn with_timeout<T>(
 /// wheel wakes the thread that sleeps on it, which costs more than the rest
 /// of a request. The timeout counts from the first poll.
 pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F::Output> {
+    // When the future was first found pending: it has yielded once since.
     let mut started = None;
     let mut future = pin!(future);
-    let mut yielded = false;
     let early = poll_fn(|cx| match future.as_mut().poll(cx) {
         Poll::Ready(output) => Poll::Ready(Some(output)),
-        Poll::Pending if !yielded => {
+        Poll::Pending if started.is_none() => {
             started = Some(Instant::now());
-            yielded = true;
             cx.waker().wake_by_ref();
             Poll::Pending
         }

@@ -308,7 +308,8 @@ impl Inner {
     }
 
     fn remove(&self, shard: &mut Shard, hash: u64, id: &RecordId) {
-        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == prefix(id)) {
+        let key = prefix(id);
+        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == key) {
             let (entry, _) = found.remove();
             self.forget(entry);
         }
@@ -359,10 +360,11 @@ impl Inner {
         f: impl FnOnce(&Self, &mut Shard, u64, Micros) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let now = self.now();
-        let hash = self.hasher.hash(&prefix(id));
+        let key = prefix(id);
+        let hash = self.hasher.hash(&key);
         let mut shard = self.shard(hash);
         self.purge(&mut shard, now, PURGE_PER_CALL);
-        match shard.entries.find(hash, |entry| entry.id == prefix(id)) {
+        match shard.entries.find(hash, |entry| entry.id == key) {
             Some(Entry { state: State::InFlight(in_flight), expires_at, .. })
                 if in_flight.owner == owner && *expires_at > now =>
             {
@@ -375,7 +377,8 @@ impl Inner {
     fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
         let now = self.now();
         let id = request.id();
-        let hash = self.hasher.hash(&prefix(&id));
+        let key = prefix(&id);
+        let hash = self.hasher.hash(&key);
         let mut guard = self.shard(hash);
         let shard = &mut *guard;
         self.purge(shard, now, PURGE_PER_CALL);
@@ -387,7 +390,7 @@ impl Inner {
                 waiters: None,
             }))
         };
-        match shard.entries.find_mut(hash, |entry| entry.id == prefix(&id)) {
+        match shard.entries.find_mut(hash, |entry| entry.id == key) {
             Some(entry) if entry.expires_at > now => match &entry.state {
                 State::InFlight(in_flight) => Some(Ok(Claim::InFlight { fingerprint: in_flight.fingerprint })),
                 State::Completed(record) if !request.replace_completed() => {
@@ -412,7 +415,7 @@ impl Inner {
                 }
                 let lease = self.new_lease();
                 let expires_at = after(now, request.lease());
-                let entry = Entry { id: prefix(&id), expires_at, state: in_flight(lease) };
+                let entry = Entry { id: key, expires_at, state: in_flight(lease) };
                 shard.entries.insert_unique(hash, entry, |entry| self.hasher.hash(&entry.id));
                 shard.expiries.push(Reverse((expires_at, hash)));
                 Some(Ok(Claim::Acquired(lease)))
@@ -488,9 +491,10 @@ impl Store for MemoryStore {
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         let now = self.inner.now();
-        let hash = self.inner.hasher.hash(&prefix(id));
+        let key = prefix(id);
+        let hash = self.inner.hasher.hash(&key);
         let shard = self.inner.shard(hash);
-        let entry = shard.entries.find(hash, |entry| entry.id == prefix(id)).filter(|entry| entry.expires_at > now);
+        let entry = shard.entries.find(hash, |entry| entry.id == key).filter(|entry| entry.expires_at > now);
         Ok(entry.map(|entry| match &entry.state {
             State::InFlight(in_flight) => {
                 RecordState::InFlight { fingerprint: in_flight.fingerprint, fencing_token: in_flight.fencing_token }
@@ -502,9 +506,10 @@ impl Store for MemoryStore {
     async fn wait(&self, id: &RecordId, timeout: Duration) {
         let notified = {
             let now = self.inner.now();
-            let hash = self.inner.hasher.hash(&prefix(id));
+            let key = prefix(id);
+            let hash = self.inner.hasher.hash(&key);
             let mut shard = self.inner.shard(hash);
-            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else { return };
+            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == key) else { return };
             let State::InFlight(in_flight) = &mut entry.state else { return };
             if entry.expires_at <= now {
                 return;

@@ -357,35 +357,33 @@ impl<P: RedisPool> RedisStore<P> {
     /// assert!(key.starts_with("idem:{") && key.ends_with(&format!(":{}", "ab".repeat(16))));
     /// ```
     pub fn record_key(&self, id: &RecordId) -> String {
-        self.key(id, KeyEnd::Record(""))
+        let mut key = self.tagged(id, 32);
+        crate::key::push_hex(&mut key, &id.as_bytes()[..16]);
+        key
     }
 
     fn keys(&self, id: &RecordId) -> Keys {
-        Keys {
-            record: self.record_key(id),
-            fence: self.key(id, KeyEnd::Fence),
-            waiters: self.key(id, KeyEnd::Record(":w")),
-            queue: self.key(id, KeyEnd::Record(":q")),
-        }
+        let record = self.record_key(id);
+        let mut fence = self.tagged(id, 5);
+        fence.push_str("fence");
+        let with = |suffix: &str| {
+            let mut key = String::with_capacity(record.len() + suffix.len());
+            key.push_str(&record);
+            key.push_str(suffix);
+            key
+        };
+        Keys { fence, waiters: with(":w"), queue: with(":q"), record }
     }
 
-    /// `{prefix}{tag}:` and then the end: `fence`, or the first 16 bytes
-    /// of the id in hex and a suffix. Written by hand: `format!` costs
-    /// more than the rest of building a call.
-    fn key(&self, id: &RecordId, end: KeyEnd) -> String {
+    /// `{prefix}{tag}:`, with room for `more` bytes. Written by hand: five
+    /// `format!` calls per store call cost more than the rest of building it.
+    fn tagged(&self, id: &RecordId, more: usize) -> String {
         let (prefix, tag) = (&self.inner.prefix, tag(id));
-        let mut key = String::with_capacity(prefix.len() + tag.len() + 3 + 32 + 6);
+        let mut key = String::with_capacity(prefix.len() + tag.len() + 3 + more);
         key.push_str(prefix);
         key.push('{');
         key.push_str(tag);
         key.push_str("}:");
-        match end {
-            KeyEnd::Fence => key.push_str("fence"),
-            KeyEnd::Record(suffix) => {
-                crate::key::push_hex(&mut key, &id.as_bytes()[..16]);
-                key.push_str(suffix);
-            }
-        }
         key
     }
 
@@ -586,13 +584,6 @@ impl<P: RedisPool> RedisStore<P> {
             (other, _) => Err(unexpected(&other)),
         }
     }
-}
-
-/// What a key ends with after its prefix and slot tag.
-enum KeyEnd {
-    Fence,
-    /// The id, then this suffix.
-    Record(&'static str),
 }
 
 struct Keys {
