@@ -367,11 +367,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// Appends `bytes` to `out` in lowercase hex.
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        out.extend(hex_pair(*b).map(char::from));
     }
+}
+
+/// Writes `bytes` in lowercase hex into the start of `out`, which holds at
+/// least twice as many.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&hex_pair(*b));
+    }
+}
+
+fn hex_pair(b: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]
 }
 
 #[cfg(test)]

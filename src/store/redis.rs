@@ -208,7 +208,10 @@ pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
 const SENDERS: usize = 2;
 
 /// Where a call in a batch gets its replies, or why there are none.
-type Answer = oneshot::Sender<Result<Vec<Value>, String>>;
+type Answer = oneshot::Sender<Result<Replies, String>>;
+
+/// A call's reply, and its `WAIT`'s if it sent one.
+type Replies = (Value, Option<Value>);
 
 /// Commands of concurrent calls, gathered while the batch before them is on
 /// its way, then written to Redis at once and answered in one read: one
@@ -216,8 +219,9 @@ type Answer = oneshot::Sender<Result<Vec<Value>, String>>;
 #[derive(Default)]
 struct Batch {
     pipeline: redis::Pipeline,
-    /// How many of the batch's replies each call waits for, in order.
-    waiting: Vec<(usize, Answer)>,
+    /// The calls in the batch, in order, and whether each sent a `WAIT`
+    /// after its command.
+    waiting: Vec<(bool, Answer)>,
     /// How many tasks are sending batches; each stops when none is left.
     senders: usize,
 }
@@ -373,37 +377,13 @@ impl<P: RedisPool> RedisStore<P> {
     /// assert!(key.starts_with("idem:{") && key.ends_with(&format!(":{}", "ab".repeat(16))));
     /// ```
     pub fn record_key(&self, id: &RecordId) -> String {
-        let mut key = self.tagged(id, 32);
-        crate::key::push_hex(&mut key, &id.as_bytes()[..16]);
-        key
+        self.key(id, KeyKind::Record).to_string()
     }
 
-    /// The record's key and its wake queue's.
-    fn keys(&self, id: &RecordId) -> Keys {
-        let record = self.record_key(id);
-        let mut queue = String::with_capacity(record.len() + 2);
-        queue.push_str(&record);
-        queue.push_str(":q");
-        Keys { record, queue }
-    }
-
-    /// The fencing counter of the record's hash slot.
-    fn fence_key(&self, id: &RecordId) -> String {
-        let mut fence = self.tagged(id, 5);
-        fence.push_str("fence");
-        fence
-    }
-
-    /// `{prefix}{tag}:`, with room for `more` bytes. Written by hand: five
-    /// `format!` calls per store call cost more than the rest of building it.
-    fn tagged(&self, id: &RecordId, more: usize) -> String {
-        let (prefix, tag) = (&self.inner.prefix, tag(id));
-        let mut key = String::with_capacity(prefix.len() + tag.len() + 3 + more);
-        key.push_str(prefix);
-        key.push('{');
-        key.push_str(tag);
-        key.push_str("}:");
-        key
+    fn key<'a>(&'a self, id: &RecordId, kind: KeyKind) -> Key<'a> {
+        let mut hex = [0; 32];
+        crate::key::write_hex(&mut hex, &id.as_bytes()[..16]);
+        Key { prefix: &self.inner.prefix, tag: tag(id), hex, kind }
     }
 
     /// A new owner token: this store's random nonce, then a count of its
@@ -446,13 +426,13 @@ impl<P: RedisPool> RedisStore<P> {
     async fn script(
         &self,
         script: &Script,
-        keys: &[&str],
+        keys: &[Key<'_>],
         args: &[&[u8]],
         replicate: bool,
     ) -> Result<(Value, Replicated), StoreError> {
-        let (reply, replicated) = match self.command(script.invoke(true, keys, args), keys[0], replicate).await? {
+        let (reply, replicated) = match self.command(script.invoke(true, keys, args), &keys[0], replicate).await? {
             (Err(error), _) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.command(script.invoke(false, keys, args), keys[0], replicate).await?
+                self.command(script.invoke(false, keys, args), &keys[0], replicate).await?
             }
             sent => sent,
         };
@@ -463,14 +443,12 @@ impl<P: RedisPool> RedisStore<P> {
     /// [`with_replicas`](Self::with_replicas), `WAIT`s for them after it:
     /// in the same round trip on a single Redis. Returns the command's own
     /// reply or error, and whether enough replicas acknowledged.
-    async fn command(&self, cmd: Cmd, key: &str, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
+    async fn command(&self, cmd: Cmd, key: &Key<'_>, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
         let replicas = self.inner.replicas.filter(|_| replicate);
         if P::BATCHED {
-            let mut commands = vec![cmd];
-            commands.extend(replicas.map(|(replicas, timeout)| wait_cmd(replicas, timeout)));
-            let mut replies = self.batched(commands).await?.into_iter();
-            let reply = replies.next().ok_or_else(|| StoreError::unavailable("a reply is missing from Redis"))?;
-            let replicated = match (replicas, replies.next()) {
+            let wait = replicas.map(|(replicas, timeout)| wait_cmd(replicas, timeout));
+            let (reply, waited) = self.batched(cmd, wait).await?;
+            let replicated = match (replicas, waited) {
                 (None, _) => Ok(()),
                 (Some((replicas, timeout)), Some(Value::Int(acknowledged))) => {
                     enough_replicas(acknowledged, replicas, timeout)
@@ -486,7 +464,7 @@ impl<P: RedisPool> RedisStore<P> {
         };
         let replicated = match replicas {
             Some((replicas, timeout)) if reply.is_ok() => {
-                match P::wait_replicas(&mut connection, key, replicas, timeout).await {
+                match P::wait_replicas(&mut connection, &key.to_string(), replicas, timeout).await {
                     Ok(acknowledged) => enough_replicas(acknowledged, replicas, timeout),
                     Err(error) => Err(self.failed(error)),
                 }
@@ -496,14 +474,16 @@ impl<P: RedisPool> RedisStore<P> {
         Ok((reply, replicated))
     }
 
-    /// Sends `commands` in the next batch, and returns their replies.
-    async fn batched(&self, commands: Vec<Cmd>) -> Result<Vec<Value>, StoreError> {
+    /// Sends `cmd`, and `WAIT` after it if given, in the next batch, and
+    /// returns their replies.
+    async fn batched(&self, cmd: Cmd, wait: Option<Cmd>) -> Result<Replies, StoreError> {
         let (answer, answered) = oneshot::channel();
         let start = {
             let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
-            batch.waiting.push((commands.len(), answer));
-            for cmd in commands {
-                batch.pipeline.add_command(cmd);
+            batch.waiting.push((wait.is_some(), answer));
+            batch.pipeline.add_command(cmd);
+            if let Some(wait) = wait {
+                batch.pipeline.add_command(wait);
             }
             let start = batch.senders < SENDERS;
             batch.senders += usize::from(start);
@@ -533,7 +513,7 @@ impl<P: RedisPool> RedisStore<P> {
                 }
                 (std::mem::take(&mut batch.pipeline), std::mem::take(&mut batch.waiting))
             };
-            let expected: usize = waiting.iter().map(|(count, _)| count).sum();
+            let expected: usize = waiting.iter().map(|(wait, _)| 1 + usize::from(*wait)).sum();
             let sent = async {
                 let mut connection = self.shared().await?;
                 // Errors of single commands stay among the replies.
@@ -543,8 +523,11 @@ impl<P: RedisPool> RedisStore<P> {
             match sent.await {
                 Ok(replies) if replies.len() == expected => {
                     let mut replies = replies.into_iter();
-                    for (count, answer) in waiting {
-                        let _ = answer.send(Ok(replies.by_ref().take(count).collect()));
+                    for (wait, answer) in waiting {
+                        // There are as many replies as commands: checked above.
+                        let reply = replies.next().unwrap_or(Value::Nil);
+                        let waited = if wait { replies.next() } else { None };
+                        let _ = answer.send(Ok((reply, waited)));
                     }
                 }
                 Ok(replies) => {
@@ -599,7 +582,13 @@ fn enough_replicas(acknowledged: i64, replicas: u32, timeout: Duration) -> Resul
 
 impl<P: RedisPool> RedisStore<P> {
     /// Runs an owner-checked script; 1 means done, 0 not the owner.
-    async fn owned(&self, script: &Script, keys: &[&str], args: &[&[u8]], replicate: bool) -> Result<(), StoreError> {
+    async fn owned(
+        &self,
+        script: &Script,
+        keys: &[Key<'_>],
+        args: &[&[u8]],
+        replicate: bool,
+    ) -> Result<(), StoreError> {
         match self.script(script, keys, args, replicate).await? {
             (Value::Int(1), replicated) => replicated,
             (Value::Int(0), _) => Err(StoreError::NotOwner),
@@ -608,9 +597,60 @@ impl<P: RedisPool> RedisStore<P> {
     }
 }
 
-struct Keys {
-    record: String,
-    queue: String,
+/// One of a record's Redis keys, written straight into a command's
+/// arguments: building each as a string of its own first cost an allocation
+/// per key per call.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    prefix: &'a str,
+    tag: &'static str,
+    /// The first 16 bytes of the record id, in hex.
+    hex: [u8; 32],
+    kind: KeyKind,
+}
+
+#[derive(Clone, Copy)]
+enum KeyKind {
+    /// `{prefix}{tag}:{32 hex digits}`: the record.
+    Record,
+    /// The record's key and `:q`: its wake queue.
+    Queue,
+    /// `{prefix}{tag}:fence`: the fencing counter of the record's hash slot.
+    Fence,
+}
+
+impl Key<'_> {
+    /// The key's bytes, in pieces.
+    fn parts(&self) -> [&[u8]; 6] {
+        let (name, suffix): (&[u8], &[u8]) = match self.kind {
+            KeyKind::Record => (&self.hex, b""),
+            KeyKind::Queue => (&self.hex, b":q"),
+            KeyKind::Fence => (b"fence", b""),
+        };
+        [self.prefix.as_bytes(), b"{", self.tag.as_bytes(), b"}:", name, suffix]
+    }
+
+    fn len(&self) -> usize {
+        self.parts().iter().map(|part| part.len()).sum()
+    }
+}
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Every part is UTF-8: the prefix is a `str`, the rest ASCII.
+        self.parts().iter().try_for_each(|part| f.write_str(&String::from_utf8_lossy(part)))
+    }
+}
+
+impl redis::ToRedisArgs for Key<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        for part in self.parts() {
+            // The writer appends to the command's buffer: it cannot fail.
+            let _ = arg.write_all(part);
+        }
+    }
 }
 
 fn unexpected(value: &Value) -> StoreError {
@@ -642,7 +682,7 @@ fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreErr
 
 impl<P: RedisPool> Store for RedisStore<P> {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
-        let (record, fence) = (self.record_key(&request.id()), self.fence_key(&request.id()));
+        let id = request.id();
         let owner = self.next_owner();
         let replace = if request.replace_completed() { &b"1"[..] } else { &b"0"[..] };
         let lease = millis(request.lease());
@@ -650,14 +690,15 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let mut fingerprint = [0; 33];
         fingerprint[..32].copy_from_slice(request.fingerprint().as_bytes());
         let args: [&[u8]; 4] = [&owner_bytes(owner), &fingerprint, &lease, replace];
-        let (value, replicated) = self.script(&CLAIM, &[&record, &fence], &args, true).await?;
+        let (value, replicated) =
+            self.script(&CLAIM, &[self.key(&id, KeyKind::Record), self.key(&id, KeyKind::Fence)], &args, true).await?;
         match value {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
                 let lease = Lease::new(owner, FencingToken::new(token));
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
-                    let _ = self.release(&request.id(), lease.owner()).await;
+                    let _ = self.release(&id, lease.owner()).await;
                     return Err(error);
                 }
                 Ok(Claim::Acquired(lease))
@@ -677,29 +718,29 @@ impl<P: RedisPool> Store for RedisStore<P> {
         record: Record,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let keys = self.keys(id);
         let encoded = record.encode();
         let owner = owner_bytes(owner);
         let retention = millis(retention);
         let args: [&[u8]; 3] = [&owner, &encoded, &retention];
-        self.owned(&COMPLETE, &[&keys.record, &keys.queue], &args, true).await
+        let keys = [self.key(id, KeyKind::Record), self.key(id, KeyKind::Queue)];
+        self.owned(&COMPLETE, &keys, &args, true).await
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        let keys = self.keys(id);
-        let owner = owner_bytes(owner);
-        self.owned(&RELEASE, &[&keys.record, &keys.queue], &[&owner], false).await
+        let keys = [self.key(id, KeyKind::Record), self.key(id, KeyKind::Queue)];
+        self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], false).await
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        let key = self.record_key(id);
-        let owner = owner_bytes(owner);
-        self.owned(&RENEW, &[&key], &[&owner, &millis(lease)], false).await
+        let key = self.key(id, KeyKind::Record);
+        self.owned(&RENEW, &[key], &[&owner_bytes(owner), &millis(lease)], false).await
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
-        let key = self.record_key(id);
-        let value = match self.command(redis::cmd("GET").arg(&key).clone(), &key, false).await?.0 {
+        let key = self.key(id, KeyKind::Record);
+        let mut get = Cmd::with_capacity(2, 3 + key.len());
+        get.arg("GET").arg(key);
+        let value = match self.command(get, &key, false).await?.0 {
             Ok(Value::Nil) => return Ok(None),
             Ok(Value::BulkString(value)) => value,
             Ok(other) => return Err(unexpected(&other)),
@@ -733,7 +774,6 @@ impl<P: RedisPool> Store for RedisStore<P> {
         // However this wait ends (woken, timed out, or dropped with its
         // request), the record's entry goes and its followers are woken.
         let _leader = Leader { waits: &self.inner.waits, id: *id, wake };
-        let keys = self.keys(id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let now = tokio::time::Instant::now();
@@ -741,7 +781,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 break;
             }
             let block = BLOCK.min(deadline - now);
-            match self.block_once(&keys, block).await {
+            match self.block_once(id, block).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 // A failing store: let the caller's claim find out.
@@ -768,8 +808,8 @@ impl Drop for Leader<'_> {
 impl<P: RedisPool> RedisStore<P> {
     /// Registers as a waiter and blocks for at most `block` on the record's
     /// queue. True when the record left the in-flight state.
-    async fn block_once(&self, keys: &Keys, block: Duration) -> Result<bool, StoreError> {
-        match self.script(&WAIT, &[&keys.record], &[], false).await?.0 {
+    async fn block_once(&self, id: &RecordId, block: Duration) -> Result<bool, StoreError> {
+        match self.script(&WAIT, &[self.key(id, KeyKind::Record)], &[], false).await?.0 {
             Value::Int(1) => {}
             // Already completed, released or expired.
             _ => return Ok(true),
@@ -778,7 +818,7 @@ impl<P: RedisPool> RedisStore<P> {
         let mut connection = self.pool.connection().await?;
         let seconds = format!("{:.3}", block.as_secs_f64());
         let popped: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(&keys.queue)
+            .arg(self.key(id, KeyKind::Queue))
             .arg(seconds)
             .query_async(&mut connection)
             .await
@@ -838,14 +878,26 @@ impl Script {
 
     /// The command that runs the script: `EVALSHA` by its SHA-1, or `EVAL`
     /// with its source.
-    fn invoke(&self, by_sha: bool, keys: &[&str], args: &[&[u8]]) -> Cmd {
-        let mut cmd = if by_sha {
-            let sha = self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_owned());
-            redis::cmd("EVALSHA").arg(sha).clone()
+    fn invoke(&self, by_sha: bool, keys: &[Key<'_>], args: &[&[u8]]) -> Cmd {
+        let (name, script) = if by_sha {
+            ("EVALSHA", self.sha.get_or_init(|| redis::Script::new(self.source).get_hash().to_owned()).as_str())
         } else {
-            redis::cmd("EVAL").arg(self.source).clone()
+            ("EVAL", self.source)
         };
-        cmd.arg(keys.len()).arg(keys).arg(args);
+        // Sized up front: growing the command's buffers cost reallocations.
+        let size = name.len()
+            + script.len()
+            + 1
+            + keys.iter().map(Key::len).sum::<usize>()
+            + args.iter().map(|arg| arg.len()).sum::<usize>();
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + args.len(), size);
+        cmd.arg(name).arg(script).arg(keys.len());
+        for key in keys {
+            cmd.arg(*key);
+        }
+        for arg in args {
+            cmd.arg(*arg);
+        }
         cmd
     }
 }
@@ -1034,9 +1086,13 @@ mod tests {
         let store = RedisStore::new(pool.unwrap());
         let id = RecordId::from_bytes([0x5a; 32]);
         let (tag, hex) = (tag(&id), &id.to_hex()[..32]);
-        let keys = store.keys(&id);
-        assert_eq!(keys.record, format!("idem:{{{tag}}}:{hex}"));
-        assert_eq!(store.fence_key(&id), format!("idem:{{{tag}}}:fence"));
-        assert_eq!(keys.queue, format!("idem:{{{tag}}}:{hex}:q"));
+        let key = |kind| store.key(&id, kind).to_string();
+        assert_eq!(key(KeyKind::Record), format!("idem:{{{tag}}}:{hex}"));
+        assert_eq!(key(KeyKind::Fence), format!("idem:{{{tag}}}:fence"));
+        assert_eq!(key(KeyKind::Queue), format!("idem:{{{tag}}}:{hex}:q"));
+        assert_eq!(store.key(&id, KeyKind::Queue).len(), key(KeyKind::Queue).len());
+        let mut cmd = Cmd::new();
+        cmd.arg(store.key(&id, KeyKind::Queue));
+        assert_eq!(cmd.args_iter().count(), 1, "a key is one argument");
     }
 }
