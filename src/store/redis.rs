@@ -276,13 +276,12 @@ impl<P: RedisPool> RedisStore<P> {
     /// # drop(store);
     /// ```
     pub fn new(pool: P) -> Self {
-        let nonce = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         Self {
             pool,
             inner: Arc::new(Inner {
                 prefix: "idem:".to_owned(),
                 replicas: None,
-                nonce,
+                nonce: fresh_nonce(),
                 claims: AtomicU64::new(0),
                 waits: Mutex::default(),
             }),
@@ -299,8 +298,11 @@ impl<P: RedisPool> RedisStore<P> {
                 let mut inner = Inner {
                     prefix: self.inner.prefix.clone(),
                     replicas: self.inner.replicas,
-                    nonce: self.inner.nonce,
-                    claims: AtomicU64::new(self.inner.claims.load(Ordering::Relaxed)),
+                    // A nonce of its own: sharing one with the store it was
+                    // copied from, with a count of its own, would hand out
+                    // the same owner tokens twice.
+                    nonce: fresh_nonce(),
+                    claims: AtomicU64::new(0),
                     waits: Mutex::default(),
                 };
                 f(&mut inner);
@@ -541,6 +543,11 @@ impl<P: RedisPool> RedisStore<P> {
             }
         }
     }
+}
+
+/// A random 64-bit number, for [`Inner::nonce`].
+fn fresh_nonce() -> u64 {
+    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
 }
 
 type RedisResult = Result<Value, RedisError>;
@@ -1063,6 +1070,18 @@ mod tests {
         let record = format!("idem:{{{tag}}}:{}", id.to_hex());
         let fence = format!("idem:{{{tag}}}:fence");
         assert_eq!(slot_of(record.as_bytes()), slot_of(fence.as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn a_store_and_a_changed_copy_never_share_owner_tokens() {
+        let pool =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let store = RedisStore::new(pool.unwrap());
+        let _held = store.clone(); // so the copy below cannot reuse `inner`
+        let copy = store.clone().with_replicas(1, Duration::from_millis(10));
+        let owners: std::collections::HashSet<_> =
+            (0..4).flat_map(|_| [store.next_owner(), copy.next_owner()]).collect();
+        assert_eq!(owners.len(), 8);
     }
 
     #[test]
