@@ -916,9 +916,10 @@ impl Script {
 // in-flight value (it starts with `F`) or a completed record.
 //
 // The script is kept small on purpose: every `redis.call`, string built and
-// table returned costs Redis CPU on each first execution (measured with
-// redis-benchmark: this shape costs about 30% less than one that also
-// cleared the wake queue, packed the owner in Lua and answered a table).
+// table returned costs Redis CPU on each first execution. Measured with
+// redis-benchmark, this shape costs about a fifth less than one that also
+// cleared the wake queue, packed the owner in Lua and answered a table
+// (BENCHMARKS.md).
 static CLAIM: Script = Script::new(
     r#"
 local v = redis.call('GET', KEYS[1])
