@@ -627,6 +627,11 @@ enum KeyKind {
 }
 
 impl Key<'_> {
+    /// The record's other key of `kind`, without encoding its id again.
+    fn sibling(self, kind: KeyKind) -> Self {
+        Self { kind, ..self }
+    }
+
     /// The key's bytes, in pieces.
     fn parts(&self) -> [&[u8]; 6] {
         let (name, suffix): (&[u8], &[u8]) = match self.kind {
@@ -697,8 +702,8 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let mut fingerprint = [0; 33];
         fingerprint[..32].copy_from_slice(request.fingerprint().as_bytes());
         let args: [&[u8]; 4] = [&owner_bytes(owner), &fingerprint, &lease, replace];
-        let (value, replicated) =
-            self.script(&CLAIM, &[self.key(&id, KeyKind::Record), self.key(&id, KeyKind::Fence)], &args, true).await?;
+        let record = self.key(&id, KeyKind::Record);
+        let (value, replicated) = self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, true).await?;
         match value {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
@@ -729,12 +734,14 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let owner = owner_bytes(owner);
         let retention = millis(retention);
         let args: [&[u8]; 3] = [&owner, &encoded, &retention];
-        let keys = [self.key(id, KeyKind::Record), self.key(id, KeyKind::Queue)];
+        let record = self.key(id, KeyKind::Record);
+        let keys = [record, record.sibling(KeyKind::Queue)];
         self.owned(&COMPLETE, &keys, &args, true).await
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        let keys = [self.key(id, KeyKind::Record), self.key(id, KeyKind::Queue)];
+        let record = self.key(id, KeyKind::Record);
+        let keys = [record, record.sibling(KeyKind::Queue)];
         self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], false).await
     }
 
@@ -816,7 +823,8 @@ impl<P: RedisPool> RedisStore<P> {
     /// Registers as a waiter and blocks for at most `block` on the record's
     /// queue. True when the record left the in-flight state.
     async fn block_once(&self, id: &RecordId, block: Duration) -> Result<bool, StoreError> {
-        match self.script(&WAIT, &[self.key(id, KeyKind::Record)], &[], false).await?.0 {
+        let record = self.key(id, KeyKind::Record);
+        match self.script(&WAIT, &[record], &[], false).await?.0 {
             Value::Int(1) => {}
             // Already completed, released or expired.
             _ => return Ok(true),
@@ -825,7 +833,7 @@ impl<P: RedisPool> RedisStore<P> {
         let mut connection = self.pool.connection().await?;
         let seconds = format!("{:.3}", block.as_secs_f64());
         let popped: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(self.key(id, KeyKind::Queue))
+            .arg(record.sibling(KeyKind::Queue))
             .arg(seconds)
             .query_async(&mut connection)
             .await
