@@ -459,6 +459,19 @@ impl<P: RedisPool> RedisStore<P> {
             };
             return Ok((reply.extract_error(), replicated));
         }
+        // Boxed: this path's futures (the cluster client's) are kilobytes,
+        // and every store call's future would otherwise be as large, and be
+        // moved as often, on every store.
+        Box::pin(self.unbatched(cmd, key, replicas)).await
+    }
+
+    /// [`command`](Self::command) on a store without batches (a cluster).
+    async fn unbatched(
+        &self,
+        cmd: Cmd,
+        key: &Key<'_>,
+        replicas: Option<(u32, Duration)>,
+    ) -> Result<(RedisResult, Replicated), StoreError> {
         let mut connection = self.shared().await?;
         let reply = match cmd.query_async::<Value>(&mut connection).await {
             Err(error) if broken(&error) => return Err(self.failed(error)),
@@ -710,7 +723,8 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 let lease = Lease::new(owner, FencingToken::new(token));
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
-                    let _ = self.release(&id, lease.owner()).await;
+                    // (Boxed, to keep the claim's future small.)
+                    let _ = Box::pin(self.release(&id, lease.owner())).await;
                     return Err(error);
                 }
                 Ok(Claim::Acquired(lease))
@@ -795,7 +809,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 break;
             }
             let block = BLOCK.min(deadline - now);
-            match self.block_once(id, block).await {
+            // Boxed: blocking takes a pooled connection, whose futures are
+            // kilobytes; every claim's future would otherwise be as large.
+            match Box::pin(self.block_once(id, block)).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 // A failing store: let the caller's claim find out.
@@ -1091,6 +1107,37 @@ mod tests {
         let owners: std::collections::HashSet<_> =
             (0..4).flat_map(|_| [store.next_owner(), copy.next_owner()]).collect();
         assert_eq!(owners.len(), 8);
+    }
+
+    /// The sizes of the futures of a store's calls.
+    fn future_sizes<P: RedisPool>(store: &RedisStore<P>) -> [usize; 6] {
+        let (id, owner, second) = (RecordId::from_bytes([1; 32]), store.next_owner(), Duration::from_secs(1));
+        let fingerprint = Fingerprint::from_bytes([2; 32]);
+        let record = Record::not_stored(fingerprint, crate::record::NotStored::TooLarge);
+        [
+            std::mem::size_of_val(&store.claim(ClaimRequest::new(id, fingerprint, second))),
+            std::mem::size_of_val(&store.complete(&id, owner, record, second)),
+            std::mem::size_of_val(&store.release(&id, owner)),
+            std::mem::size_of_val(&store.renew(&id, owner, second)),
+            std::mem::size_of_val(&store.lookup(&id)),
+            std::mem::size_of_val(&store.wait(&id, second)),
+        ]
+    }
+
+    #[tokio::test]
+    async fn store_calls_stay_small_futures() {
+        // Each call's future is moved into its caller's, and boxed by the
+        // layer: the Redis clients' kilobytes must stay behind a box
+        // (BENCHMARKS.md: 15% of the server's CPU per first execution).
+        let single =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let sizes = future_sizes(&RedisStore::new(single.unwrap()));
+        assert!(sizes.iter().all(|&size| size <= 2048), "single Redis: future sizes {sizes:?}");
+        let urls = vec!["redis://127.0.0.1:1".to_owned()];
+        let cluster =
+            deadpool_redis::cluster::Config::from_urls(urls).create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let sizes = future_sizes(&RedisStore::new(cluster.unwrap()));
+        assert!(sizes.iter().all(|&size| size <= 2048), "cluster: future sizes {sizes:?}");
     }
 
     #[test]
