@@ -497,7 +497,7 @@ impl<St: Store> IdempotencyLayer<St> {
     pub async fn lookup(&self, scope: &Scope, key: &IdempotencyKey) -> Result<Option<RecordState>, StoreError> {
         let id = RecordId::new(&self.config.namespace, scope, key);
         let config = &self.config;
-        crate::service::with_timeout(config.store_timeout, config.store.lookup(&id)).await
+        crate::future::with_timeout(config.store_timeout, config.store.lookup(&id)).await
     }
 }
 

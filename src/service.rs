@@ -25,6 +25,7 @@ use crate::{
     NotStored, Outcome, Record, RecordId, Rejection, RejectionKind, RequestBody, ResponseBody, ResponseFuture, Scope,
     StoreResponse,
     body::Message,
+    future::{with_timeout, within},
     layer::Config,
     policy::grpc_to_http,
     record::HeaderSection,
@@ -142,46 +143,6 @@ where
 /// Whether a request or response is gRPC (`content-type: application/grpc*`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Runs a store call under `timeout` (see [`within`]).
-pub(crate) async fn with_timeout<T>(
-    timeout: Duration,
-    call: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    within(timeout, call).await.unwrap_or(Err(StoreError::Timeout(timeout)))
-}
-
-/// Runs `future` for at most `timeout`; `None` when it ran out.
-///
-/// The timer is armed only if the future is still pending when its task
-/// runs a second time (it yields once to make sure it does): a future that
-/// is ready at once (a memory store call) or as soon as the connection's
-/// task has run again (a request body already in the connection's buffer)
-/// never touches it, nor reads the clock. Arming a timer in an empty timer
-/// wheel wakes the thread that sleeps on it, which costs more than the rest
-/// of a request. The timeout counts from the first poll.
-pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F::Output> {
-    // When the future was first found pending: it has yielded once since.
-    let mut started = None;
-    let mut future = pin!(future);
-    let early = poll_fn(|cx| match future.as_mut().poll(cx) {
-        Poll::Ready(output) => Poll::Ready(Some(output)),
-        Poll::Pending if started.is_none() => {
-            started = Some(Instant::now());
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await;
-    match early {
-        Some(output) => Some(output),
-        None => {
-            let deadline = started.unwrap_or_else(Instant::now) + timeout;
-            tokio::time::timeout_at(deadline, future).await.ok()
-        }
-    }
 }
 
 impl<St> Config<St> {
@@ -681,8 +642,11 @@ impl<St: Store> Execution<St> {
             tokio::time::sleep_until(self.renew_at).await;
             let config = &self.config;
             let sent = Instant::now();
+            // Boxed, as every call below that is not on a request's usual
+            // path: a store call's future held inline makes every
+            // execution's future larger, and each is moved as it starts.
             let renewed = config.store.renew(&self.id, self.owner, config.lease);
-            match with_timeout(config.store_timeout, renewed).await {
+            match Box::pin(with_timeout(config.store_timeout, renewed)).await {
                 Ok(()) => self.held_until = sent + config.lease,
                 Err(error) => {
                     config.store_failed(&self.id, "renew", &error);
@@ -734,7 +698,7 @@ impl<St: Store> Execution<St> {
         self.settled = true;
         let config = &self.config;
         let released = config.store.release(&self.id, self.owner);
-        if let Err(error) = with_timeout(config.store_timeout, released).await {
+        if let Err(error) = Box::pin(with_timeout(config.store_timeout, released)).await {
             config.store_failed(&self.id, "release", &error);
         }
     }
@@ -750,7 +714,7 @@ impl<St: Store> Execution<St> {
             Ok(()) => None,
             Err(StoreError::Full) => {
                 let marker = Record::not_stored(self.fingerprint, NotStored::StoreFull);
-                if let Err(error) = self.complete(marker).await {
+                if let Err(error) = Box::pin(self.complete(marker)).await {
                     self.config.store_failed(&self.id, "complete", &error);
                 }
                 None
@@ -771,7 +735,12 @@ impl<St: Store> Execution<St> {
     /// Redis that kept its data) within the lease still gets the outcome,
     /// and a retry of the request gets the replay instead of a second run.
     async fn settle_later(&mut self, record: Option<Record>) {
-        let Some(record) = record else { return };
+        if let Some(record) = record {
+            Box::pin(self.retry_completion(record)).await;
+        }
+    }
+
+    async fn retry_completion(&mut self, record: Record) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let at = Instant::now() + backoff;
@@ -793,10 +762,10 @@ impl<St: Store> Execution<St> {
         }
     }
 
-    async fn complete(&self, record: Record) -> Result<(), StoreError> {
+    /// A plain function, not an `async fn`, so the record is held once.
+    fn complete(&self, record: Record) -> impl Future<Output = Result<(), StoreError>> + '_ {
         let config = &self.config;
-        let completed = config.store.complete(&self.id, self.owner, record, config.retention);
-        with_timeout(config.store_timeout, completed).await
+        with_timeout(config.store_timeout, config.store.complete(&self.id, self.owner, record, config.retention))
     }
 }
 
