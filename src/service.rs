@@ -642,9 +642,10 @@ impl<St: Store> Execution<St> {
             tokio::time::sleep_until(self.renew_at).await;
             let config = &self.config;
             let sent = Instant::now();
-            // Boxed, as every call below that is not on a request's usual
-            // path: a store call's future held inline makes every
-            // execution's future larger, and each is moved as it starts.
+            // Boxed, like every store call off a request's usual path
+            // (releases, retries): held inline, a store call's future makes
+            // every execution's future larger, and each is moved as it
+            // starts.
             let renewed = config.store.renew(&self.id, self.owner, config.lease);
             match Box::pin(with_timeout(config.store_timeout, renewed)).await {
                 Ok(()) => self.held_until = sent + config.lease,

@@ -1128,7 +1128,8 @@ mod tests {
     async fn store_calls_stay_small_futures() {
         // Each call's future is moved into its caller's, and boxed by the
         // layer: the Redis clients' kilobytes must stay behind a box
-        // (BENCHMARKS.md: 15% of the server's CPU per first execution).
+        // (BENCHMARKS.md: copying them took 16% of the server's CPU in
+        // Redis first executions).
         let single =
             deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
         let sizes = future_sizes(&RedisStore::new(single.unwrap()));
