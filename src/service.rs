@@ -145,6 +145,16 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
+impl<St: Store> Config<St> {
+    /// Gives the claim of `owner` back, under the store timeout; a failure
+    /// is logged, as nobody waits for it.
+    async fn release(&self, id: &RecordId, owner: OwnerToken) {
+        if let Err(error) = with_timeout(self.store_timeout, self.store.release(id, owner)).await {
+            self.store_failed(id, "release", &error);
+        }
+    }
+}
+
 impl<St> Config<St> {
     pub(crate) fn note(&self, outcome: Outcome, id: &RecordId) {
         self.metrics.record(outcome);
@@ -585,10 +595,7 @@ impl<St: Store> Drop for PendingClaim<St> {
         runtime.spawn(async move {
             if let Ok(Claim::Acquired(lease)) = claim.await {
                 tracing::debug!(key = %id, "releasing a claim its request no longer waits for");
-                let released = config.store.release(&id, lease.owner());
-                if let Err(error) = with_timeout(config.store_timeout, released).await {
-                    config.store_failed(&id, "release", &error);
-                }
+                config.release(&id, lease.owner()).await;
             }
         });
     }
@@ -697,11 +704,7 @@ impl<St: Store> Execution<St> {
 
     async fn release(&mut self) {
         self.settled = true;
-        let config = &self.config;
-        let released = config.store.release(&self.id, self.owner);
-        if let Err(error) = Box::pin(with_timeout(config.store_timeout, released)).await {
-            config.store_failed(&self.id, "release", &error);
-        }
+        Box::pin(self.config.release(&self.id, self.owner)).await;
     }
 
     /// Completes the claim with the record `record` makes. Returns the
@@ -780,12 +783,7 @@ impl<St: Store> Drop for Execution<St> {
         tracing::warn!(key = %self.id, "execution ended before its response: releasing the idempotency key");
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (config, id, owner) = (self.config.clone(), self.id, self.owner);
-        runtime.spawn(async move {
-            let released = config.store.release(&id, owner);
-            if let Err(error) = with_timeout(config.store_timeout, released).await {
-                config.store_failed(&id, "release", &error);
-            }
-        });
+        runtime.spawn(async move { config.release(&id, owner).await });
     }
 }
 
