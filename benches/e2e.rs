@@ -43,6 +43,8 @@ const HOT_KEYS: u64 = 1_000;
 const DUPLICATES: u64 = 4;
 /// Names of the server runtime's threads, whose CPU time is the server's.
 const SERVER_THREAD: &str = "server";
+/// Names of the load generator's threads.
+const CLIENT_THREAD: &str = "client";
 const BODY: &[u8] = b"amount=500&currency=usd&source=tok_visa";
 
 #[derive(Clone, Copy, PartialEq)]
@@ -96,6 +98,7 @@ struct Measured {
     seconds: f64,
     latencies: Vec<Duration>,
     server_cpu: Duration,
+    client_cpu: Duration,
     redis_cpu: Duration,
     redis_calls: u64,
     unexpected_statuses: u64,
@@ -305,7 +308,8 @@ async fn hold(store: &MemoryStore, count: u64) {
 
 /// Drives one round of `target` and adds what it measured.
 async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, connections: usize) {
-    let (server_cpu, redis_cpu, redis_calls) = (threads_cpu(SERVER_THREAD), redis.cpu(), redis.calls());
+    let (server_cpu, client_cpu) = (threads_cpu(SERVER_THREAD), threads_cpu(CLIENT_THREAD));
+    let (redis_cpu, redis_calls) = (redis.cpu(), redis.calls());
     let started = Instant::now();
     let (latencies, unexpected) = drive(target, Stop::After(length), run, connections).await;
     let measured = &mut target.measured;
@@ -314,6 +318,7 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     measured.latencies.extend(latencies);
     measured.unexpected_statuses += unexpected;
     measured.server_cpu += threads_cpu(SERVER_THREAD).saturating_sub(server_cpu);
+    measured.client_cpu += threads_cpu(CLIENT_THREAD).saturating_sub(client_cpu);
     if target.redis {
         measured.redis_cpu += redis.cpu().saturating_sub(redis_cpu);
         measured.redis_calls += redis.calls() - redis_calls;
@@ -328,7 +333,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let client = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CLIENT_THREAD)
+        .enable_all()
+        .build()
+        .unwrap();
     let redis = Redis::start();
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let run = std::process::id() as u64 ^ Instant::now().elapsed().subsec_nanos() as u64;
@@ -391,8 +401,8 @@ fn main() {
         .find(|target| target.name == "bare")
         .map_or(f64::NAN, |bare| bare.measured.requests as f64 / bare.measured.seconds);
     println!(
-        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>11} {:>10} {:>10}",
-        "scenario", "req/s", "p50", "p99", "x bare", "server cpu", "redis cpu", "calls/req"
+        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10} {:>10}",
+        "scenario", "req/s", "p50", "p99", "x bare", "server cpu", "client cpu", "redis cpu", "calls/req"
     );
     let mut correct = true;
     for target in &mut targets {
@@ -402,13 +412,14 @@ fn main() {
         let per = |d: Duration| d / m.requests.max(1) as u32;
         let rate = m.requests as f64 / m.seconds;
         println!(
-            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>11.2?} {:>10} {:>10}",
+            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>11.2?} {:>11.2?} {:>10} {:>10}",
             target.name,
             rate,
             at(0.50),
             at(0.99),
             rate / bare,
             per(m.server_cpu),
+            per(m.client_cpu),
             if target.redis { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
             if target.redis { format!("{:.2}", m.redis_calls as f64 / m.requests as f64) } else { "-".to_owned() },
         );
