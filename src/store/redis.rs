@@ -23,12 +23,9 @@
 //!
 //! Round trips: a first execution costs two (claim, complete) when it ends
 //! within a third of its lease, a replay one, an in-flight duplicate one.
-//! On a single Redis, calls made at the same time share them: while two
-//! batches of calls are on their way, the calls that come meanwhile gather
-//! into the next, which is written at once and answered in one read. (Two
-//! rather than one: a call then seldom waits a whole round trip before it
-//! is sent. The end-to-end benchmark ran 8-11% more requests per second
-//! with two; four did no better.)
+//! Every call but the blocking wait goes over one multiplexed connection
+//! that the store's clones share; redis-rs writes the calls it finds queued
+//! together in one system call, and reads their replies together.
 //! With [`RedisStore::with_replicas`], claims and completions also wait for
 //! replicas (`WAIT`): in the same round trip on a single Redis, in one more
 //! on a cluster.
@@ -53,7 +50,7 @@ use std::{
 
 use bytes::Bytes;
 use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value, aio::ConnectionLike};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
 use crate::{FencingToken, Fingerprint, IdempotencyLayer, Record, RecordId};
@@ -86,10 +83,6 @@ mod sealed {
 /// takes_any_pool(pool);
 /// ```
 pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
-    /// Whether concurrent calls are sent to Redis together, in one batch.
-    #[doc(hidden)]
-    const BATCHED: bool;
-
     /// A pooled connection, for calls that block.
     #[doc(hidden)]
     type Connection: ConnectionLike + Send;
@@ -103,19 +96,19 @@ pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
     #[doc(hidden)]
     fn shared(&self) -> impl Future<Output = Result<Self::Shared, StoreError>> + Send;
 
-    /// Waits for `replicas` to acknowledge the writes made so far on the
-    /// primary that holds `key`.
+    /// Sends `cmd` and, with `wait` (a `WAIT` and the key whose primary it
+    /// must reach), waits for replicas to take the writes made so far.
+    /// Returns the command's reply and, if it waited, how many replicas
+    /// acknowledged.
     #[doc(hidden)]
-    fn wait_replicas(
+    fn query(
         connection: &mut Self::Shared,
-        key: &str,
-        replicas: u32,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<i64, RedisError>> + Send;
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> impl Future<Output = (RedisResult, Option<Result<i64, RedisError>>)> + Send;
 }
 
 impl RedisPool for deadpool_redis::Pool {
-    const BATCHED: bool = true;
     type Connection = deadpool_redis::Connection;
     type Shared = redis::aio::MultiplexedConnection;
 
@@ -127,20 +120,28 @@ impl RedisPool for deadpool_redis::Pool {
         Ok(deadpool_redis::Connection::take(self.connection().await?))
     }
 
-    async fn wait_replicas(
+    async fn query(
         connection: &mut Self::Shared,
-        _key: &str,
-        replicas: u32,
-        timeout: Duration,
-    ) -> Result<i64, RedisError> {
-        wait_cmd(replicas, timeout).query_async(connection).await
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> (RedisResult, Option<Result<i64, RedisError>>) {
+        let Some((wait, _)) = wait else { return (cmd.query_async(connection).await, None) };
+        // In one round trip: the connection writes a pipeline whole, and
+        // `WAIT` counts every write this connection made before it.
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(cmd).add_command(wait).ignore_errors();
+        match pipeline.query_async::<Vec<Value>>(connection).await {
+            Ok(replies) => {
+                let mut replies = replies.into_iter();
+                let reply = replies.next().unwrap_or(Value::Nil).extract_error();
+                (reply, Some(replies.next().unwrap_or(Value::Nil).extract_error().and_then(acknowledged)))
+            }
+            Err(error) => (Err(error), None),
+        }
     }
 }
 
 impl RedisPool for deadpool_redis::cluster::Pool {
-    // A batch would mix keys of every node; the cluster connection routes
-    // each call to its node instead.
-    const BATCHED: bool = false;
     type Connection = deadpool_redis::cluster::Connection;
     type Shared = redis::cluster_async::ClusterConnection;
 
@@ -152,18 +153,24 @@ impl RedisPool for deadpool_redis::cluster::Pool {
         Ok(deadpool_redis::cluster::Connection::take(self.connection().await?))
     }
 
-    async fn wait_replicas(
+    async fn query(
         connection: &mut Self::Shared,
-        key: &str,
-        replicas: u32,
-        timeout: Duration,
-    ) -> Result<i64, RedisError> {
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> (RedisResult, Option<Result<i64, RedisError>>) {
         use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let reply = cmd.query_async(connection).await;
+        let Some((wait, key)) = wait.filter(|_| reply.is_ok()) else { return (reply, None) };
+        // In a round trip of its own, to the primary that holds `key`.
         let route = Route::new(slot_of(key.as_bytes()), SlotAddr::Master);
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-        let value = connection.route_command(wait_cmd(replicas, timeout), routing).await?;
-        redis::from_redis_value(value).map_err(RedisError::from)
+        (reply, Some(connection.route_command(wait, routing).await.and_then(acknowledged)))
     }
+}
+
+/// The number of replicas a `WAIT` reply says acknowledged.
+fn acknowledged(value: Value) -> Result<i64, RedisError> {
+    redis::from_redis_value(value).map_err(RedisError::from)
 }
 
 fn wait_cmd(replicas: u32, timeout: Duration) -> Cmd {
@@ -199,31 +206,6 @@ pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
     /// Held while one call connects, so a burst of calls after a start or a
     /// failure makes one connection, not one each.
     connecting: Arc<tokio::sync::Mutex<()>>,
-    /// The calls waiting for the next batch (single Redis only).
-    batch: Arc<Mutex<Batch>>,
-}
-
-/// Batches on their way at once, each with its own task (see the module's
-/// documentation).
-const SENDERS: usize = 2;
-
-/// Where a call in a batch gets its replies, or why there are none.
-type Answer = oneshot::Sender<Result<Replies, String>>;
-
-/// A call's reply, and its `WAIT`'s if it sent one.
-type Replies = (Value, Option<Value>);
-
-/// Commands of concurrent calls, gathered while the batch before them is on
-/// its way, then written to Redis at once and answered in one read: one
-/// system call on each side for many calls, instead of one per call.
-#[derive(Default)]
-struct Batch {
-    pipeline: redis::Pipeline,
-    /// The calls in the batch, in order, and whether each sent a `WAIT`
-    /// after its command.
-    waiting: Vec<(bool, Answer)>,
-    /// How many tasks are sending batches; each stops when none is left.
-    senders: usize,
 }
 
 /// A [`RedisStore`] on a Redis Cluster.
@@ -248,7 +230,6 @@ impl<P: RedisPool> Clone for RedisStore<P> {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             connecting: self.connecting.clone(),
-            batch: self.batch.clone(),
         }
     }
 }
@@ -287,7 +268,6 @@ impl<P: RedisPool> RedisStore<P> {
             }),
             shared: Arc::default(),
             connecting: Arc::default(),
-            batch: Arc::default(),
         }
     }
 
@@ -441,120 +421,38 @@ impl<P: RedisPool> RedisStore<P> {
         Ok((reply.map_err(StoreError::unavailable)?, replicated))
     }
 
-    /// Sends `cmd` about `key`. With `replicate`, and replicas set by
-    /// [`with_replicas`](Self::with_replicas), `WAIT`s for them after it:
-    /// in the same round trip on a single Redis. Returns the command's own
-    /// reply or error, and whether enough replicas acknowledged.
+    /// Sends `cmd` about `key` on the shared connection. With `replicate`,
+    /// and replicas set by [`with_replicas`](Self::with_replicas), `WAIT`s
+    /// for them after it: in the same round trip on a single Redis. Returns
+    /// the command's own reply or error, and whether enough replicas
+    /// acknowledged.
     async fn command(&self, cmd: Cmd, key: &Key<'_>, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
         let replicas = self.inner.replicas.filter(|_| replicate);
-        if P::BATCHED {
-            let wait = replicas.map(|(replicas, timeout)| wait_cmd(replicas, timeout));
-            let (reply, waited) = self.batched(cmd, wait).await?;
-            let replicated = match (replicas, waited) {
-                (None, _) => Ok(()),
-                (Some((replicas, timeout)), Some(Value::Int(acknowledged))) => {
-                    enough_replicas(acknowledged, replicas, timeout)
-                }
-                (Some(_), other) => Err(unexpected(&other.unwrap_or(Value::Nil))),
-            };
-            return Ok((reply.extract_error(), replicated));
-        }
-        // Boxed: this path's futures (the cluster client's) are kilobytes,
-        // and every store call's future would otherwise be as large, and be
-        // moved as often, on every store.
-        Box::pin(self.unbatched(cmd, key, replicas)).await
+        // Boxed: the cluster client's futures are kilobytes, and every store
+        // call's future would otherwise be as large, and be moved as often.
+        Box::pin(self.send(cmd, key, replicas)).await
     }
 
-    /// [`command`](Self::command) on a store without batches (a cluster).
-    async fn unbatched(
+    async fn send(
         &self,
         cmd: Cmd,
         key: &Key<'_>,
         replicas: Option<(u32, Duration)>,
     ) -> Result<(RedisResult, Replicated), StoreError> {
         let mut connection = self.shared().await?;
-        let reply = match cmd.query_async::<Value>(&mut connection).await {
+        let name = replicas.map(|_| key.to_string());
+        let wait = replicas.zip(name.as_deref()).map(|((replicas, timeout), name)| (wait_cmd(replicas, timeout), name));
+        let (reply, waited) = P::query(&mut connection, cmd, wait).await;
+        let reply = match reply {
             Err(error) if broken(&error) => return Err(self.failed(error)),
             reply => reply,
         };
-        let replicated = match replicas {
-            Some((replicas, timeout)) if reply.is_ok() => {
-                match P::wait_replicas(&mut connection, &key.to_string(), replicas, timeout).await {
-                    Ok(acknowledged) => enough_replicas(acknowledged, replicas, timeout),
-                    Err(error) => Err(self.failed(error)),
-                }
-            }
+        let replicated = match (replicas, waited) {
+            (Some((replicas, timeout)), Some(Ok(acknowledged))) => enough_replicas(acknowledged, replicas, timeout),
+            (Some(_), Some(Err(error))) => Err(self.failed(error)),
             _ => Ok(()),
         };
         Ok((reply, replicated))
-    }
-
-    /// Sends `cmd`, and `WAIT` after it if given, in the next batch, and
-    /// returns their replies.
-    async fn batched(&self, cmd: Cmd, wait: Option<Cmd>) -> Result<Replies, StoreError> {
-        let (answer, answered) = oneshot::channel();
-        let start = {
-            let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
-            batch.waiting.push((wait.is_some(), answer));
-            batch.pipeline.add_command(cmd);
-            if let Some(wait) = wait {
-                batch.pipeline.add_command(wait);
-            }
-            let start = batch.senders < SENDERS;
-            batch.senders += usize::from(start);
-            start
-        };
-        if start {
-            tokio::spawn(self.clone().send_batches());
-        }
-        match answered.await {
-            Ok(Ok(replies)) => Ok(replies),
-            Ok(Err(error)) => Err(StoreError::unavailable(error)),
-            Err(_) => Err(StoreError::unavailable("the batch of Redis calls was dropped")),
-        }
-    }
-
-    /// Sends batches, one at a time, until no call waits. Up to
-    /// [`SENDERS`] of these run at once.
-    async fn send_batches(self) {
-        let mut sending = Sending { batch: &self.batch, finished: false };
-        loop {
-            let (mut pipeline, waiting) = {
-                let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
-                if batch.waiting.is_empty() {
-                    batch.senders -= 1;
-                    sending.finished = true;
-                    return;
-                }
-                (std::mem::take(&mut batch.pipeline), std::mem::take(&mut batch.waiting))
-            };
-            let expected: usize = waiting.iter().map(|(wait, _)| 1 + usize::from(*wait)).sum();
-            let sent = async {
-                let mut connection = self.shared().await?;
-                // Errors of single commands stay among the replies.
-                pipeline.ignore_errors();
-                pipeline.query_async::<Vec<Value>>(&mut connection).await.map_err(|error| self.failed(error))
-            };
-            match sent.await {
-                Ok(replies) if replies.len() == expected => {
-                    let mut replies = replies.into_iter();
-                    for (wait, answer) in waiting {
-                        // There are as many replies as commands: checked above.
-                        let reply = replies.next().unwrap_or(Value::Nil);
-                        let waited = if wait { replies.next() } else { None };
-                        let _ = answer.send(Ok((reply, waited)));
-                    }
-                }
-                Ok(replies) => {
-                    let error = format!("{} replies from Redis for {expected} commands", replies.len());
-                    waiting.into_iter().for_each(|(_, answer)| drop(answer.send(Err(error.clone()))));
-                }
-                Err(error) => {
-                    let error = error.to_string();
-                    waiting.into_iter().for_each(|(_, answer)| drop(answer.send(Err(error.clone()))));
-                }
-            }
-        }
     }
 }
 
@@ -566,25 +464,6 @@ fn fresh_nonce() -> u64 {
 type RedisResult = Result<Value, RedisError>;
 /// Whether enough replicas acknowledged a write.
 type Replicated = Result<(), StoreError>;
-
-/// The task sending batches. If it ends early (its runtime shuts down), the
-/// calls it leaves are told so, and the next call starts another.
-struct Sending<'a> {
-    batch: &'a Mutex<Batch>,
-    finished: bool,
-}
-
-impl Drop for Sending<'_> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut batch = self.batch.lock().unwrap_or_else(|poison| poison.into_inner());
-        batch.senders -= 1;
-        batch.waiting.clear();
-        batch.pipeline = redis::Pipeline::new();
-    }
-}
 
 /// Whether `error` says the connection is broken.
 fn broken(error: &RedisError) -> bool {
