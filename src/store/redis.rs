@@ -378,12 +378,25 @@ impl<P: RedisPool> RedisStore<P> {
     /// The shared connection, from the pool the first time and after a
     /// failure.
     async fn shared(&self) -> Result<P::Shared, StoreError> {
-        let cached = || self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone();
-        if let Some(connection) = cached() {
-            return Ok(connection);
+        match self.cached() {
+            Some(connection) => Ok(connection),
+            // Boxed: taking a connection from the pool is rare, and its
+            // future (deadpool's, connecting included) is over 6 KB, which
+            // every store call's future would otherwise be too.
+            None => Box::pin(self.connect()).await,
         }
+    }
+
+    fn cached(&self) -> Option<P::Shared> {
+        self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Takes the shared connection from the pool, one call at a time, so a
+    /// burst of calls after a start or a failure makes one connection, not
+    /// one each.
+    async fn connect(&self) -> Result<P::Shared, StoreError> {
         let _connecting = self.connecting.lock().await;
-        if let Some(connection) = cached() {
+        if let Some(connection) = self.cached() {
             return Ok(connection);
         }
         let connection = self.pool.shared().await?;
@@ -1000,8 +1013,9 @@ mod tests {
         assert_eq!(owners.len(), 8);
     }
 
-    /// The sizes of the futures of a store's calls.
-    fn future_sizes<P: RedisPool>(store: &RedisStore<P>) -> [usize; 6] {
+    /// The sizes of the futures of a store's calls, and of what each call
+    /// boxes to send its command.
+    fn future_sizes<P: RedisPool>(store: &RedisStore<P>) -> [usize; 7] {
         let (id, owner, second) = (RecordId::from_bytes([1; 32]), store.next_owner(), Duration::from_secs(1));
         let fingerprint = Fingerprint::from_bytes([2; 32]);
         let record = Record::not_stored(fingerprint, crate::record::NotStored::TooLarge);
@@ -1012,6 +1026,7 @@ mod tests {
             std::mem::size_of_val(&store.renew(&id, owner, second)),
             std::mem::size_of_val(&store.lookup(&id)),
             std::mem::size_of_val(&store.wait(&id, second)),
+            std::mem::size_of_val(&store.send(redis::cmd("GET"), &store.key(&id, KeyKind::Record), None)),
         ]
     }
 
@@ -1020,7 +1035,8 @@ mod tests {
         // Each call's future is moved into its caller's, and boxed by the
         // layer: the Redis clients' kilobytes must stay behind a box
         // (BENCHMARKS.md: copying them took 16% of the server's CPU in
-        // Redis first executions).
+        // Redis first executions). What each call boxes is allocated per
+        // call: it must not carry the rare connecting path's 6 KB either.
         let single =
             deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
         let sizes = future_sizes(&RedisStore::new(single.unwrap()));
