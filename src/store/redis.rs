@@ -391,9 +391,8 @@ impl<P: RedisPool> RedisStore<P> {
         self.shared.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
 
-    /// Takes the shared connection from the pool, one call at a time, so a
-    /// burst of calls after a start or a failure makes one connection, not
-    /// one each.
+    /// Takes the shared connection from the pool, one call at a time (see
+    /// `connecting`).
     async fn connect(&self) -> Result<P::Shared, StoreError> {
         let _connecting = self.connecting.lock().await;
         if let Some(connection) = self.cached() {
