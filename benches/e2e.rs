@@ -1,6 +1,11 @@
 //! End-to-end HTTP benchmark: one axum handler served bare, behind the layer
 //! on the memory store, and behind the layer on Redis (a `redis-server` this
-//! benchmark starts on a free loopback port). Each is driven by the same
+//! benchmark starts on a free loopback port). Two more rows are floors, not
+//! the layer: the bare handler with a plain Redis `GET` before it (one round
+//! trip, as a replay makes), and with a `GET` before and a `SET` after (two,
+//! as a first execution makes), on the multiplexed connection the Redis store
+//! uses. No layer that makes those round trips through deadpool-redis can be
+//! faster than they are on the same machine. Each is driven by the same
 //! number of keep-alive connections for the same time: fresh keys (first
 //! executions), 1,000 hot keys (replays), and groups of four requests sent at
 //! once with one key (concurrent duplicates). The memory store holds
@@ -47,6 +52,20 @@ const SERVER_THREAD: &str = "server";
 const CLIENT_THREAD: &str = "client";
 const BODY: &[u8] = b"amount=500&currency=usd&source=tok_visa";
 
+/// How a scenario's handler is served.
+#[derive(Clone, Copy, PartialEq)]
+enum Served {
+    /// The handler alone.
+    Bare,
+    /// The handler with a Redis `GET` before it and, with `true`, a `SET`
+    /// after it; no layer.
+    RoundTrips(bool),
+    /// Behind the layer on the memory store.
+    Memory,
+    /// Behind the layer on Redis.
+    Redis,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Keys {
     Fresh,
@@ -85,6 +104,7 @@ struct Target {
     name: &'static str,
     addr: SocketAddr,
     keys: Keys,
+    served: Served,
     redis: bool,
     executions: Arc<AtomicU64>,
     /// Requests sent so far, warm-up included: the next request's number.
@@ -114,6 +134,35 @@ fn router(executions: Arc<AtomicU64>) -> Router {
             async move {
                 let n = executions.fetch_add(1, Ordering::Relaxed);
                 let json = format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{}}}"#, body.len());
+                ([("content-type", "application/json")], json)
+            }
+        }),
+    )
+}
+
+/// The same handler with a layer's Redis round trips but none of its work:
+/// a `GET` of the key before it runs and, with `two`, a `SET` of its answer
+/// after, on one multiplexed connection. The floor for any layer that
+/// claims in one round trip (a replay) and completes in another.
+fn router_round_trips(
+    executions: Arc<AtomicU64>,
+    redis: deadpool_redis::redis::aio::MultiplexedConnection,
+    two: bool,
+) -> Router {
+    Router::new().route(
+        "/v1/charges",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let (executions, mut redis) = (executions.clone(), redis.clone());
+            async move {
+                let key = headers.get("idempotency-key").map_or(&b""[..], |key| key.as_bytes()).to_vec();
+                let _: Option<Vec<u8>> =
+                    deadpool_redis::redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+                let n = executions.fetch_add(1, Ordering::Relaxed);
+                let json = format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{}}}"#, body.len());
+                if two {
+                    let set = deadpool_redis::redis::cmd("SET").arg(&key).arg(&json).arg("PX").arg(60_000).clone();
+                    let _: () = set.query_async(&mut redis).await.unwrap();
+                }
                 ([("content-type", "application/json")], json)
             }
         }),
@@ -192,12 +241,18 @@ impl Redis {
     }
 
     /// Store calls made: each script call and each transaction (`EXEC`)
-    /// is one. (Commandstats also counts the commands they run inside,
-    /// which are not calls of their own.)
-    fn calls(&self) -> u64 {
+    /// is one, and with `plain`, each `GET` and `SET`. (Commandstats also
+    /// counts the commands scripts run inside, which are not calls of their
+    /// own: `plain` is for scenarios that run no script.)
+    fn calls(&self, plain: bool) -> u64 {
+        let counted: &[&str] = if plain {
+            &["cmdstat_get:", "cmdstat_set:"]
+        } else {
+            &["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_exec:"]
+        };
         self.info("commandstats")
             .lines()
-            .filter(|l| ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_exec:"].iter().any(|c| l.starts_with(c)))
+            .filter(|l| counted.iter().any(|c| l.starts_with(c)))
             .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
             .sum()
     }
@@ -309,7 +364,8 @@ async fn hold(store: &MemoryStore, count: u64) {
 /// Drives one round of `target` and adds what it measured.
 async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, connections: usize) {
     let (server_cpu, client_cpu) = (threads_cpu(SERVER_THREAD), threads_cpu(CLIENT_THREAD));
-    let (redis_cpu, redis_calls) = (redis.cpu(), redis.calls());
+    let plain = matches!(target.served, Served::RoundTrips(_));
+    let (redis_cpu, redis_calls) = (redis.cpu(), redis.calls(plain));
     let started = Instant::now();
     let (latencies, unexpected) = drive(target, Stop::After(length), run, connections).await;
     let measured = &mut target.measured;
@@ -321,7 +377,7 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     measured.client_cpu += threads_cpu(CLIENT_THREAD).saturating_sub(client_cpu);
     if target.redis {
         measured.redis_cpu += redis.cpu().saturating_sub(redis_cpu);
-        measured.redis_calls += redis.calls() - redis_calls;
+        measured.redis_calls += redis.calls(plain) - redis_calls;
     }
 }
 
@@ -348,14 +404,16 @@ fn main() {
     server.block_on(hold(&memory, options.held));
     println!("memory store: {} completed records held, filled in {:.1?}", memory.len(), started.elapsed());
 
-    let scenarios: [(&'static str, Option<bool>, Keys); 7] = [
-        ("bare", None, Keys::Fresh),
-        ("memory, first executions", Some(false), Keys::Fresh),
-        ("memory, replays", Some(false), Keys::Hot),
-        ("memory, duplicates", Some(false), Keys::Duplicates),
-        ("redis, first executions", Some(true), Keys::Fresh),
-        ("redis, replays", Some(true), Keys::Hot),
-        ("redis, duplicates", Some(true), Keys::Duplicates),
+    let scenarios: [(&'static str, Served, Keys); 9] = [
+        ("bare", Served::Bare, Keys::Fresh),
+        ("bare, 1 redis round trip", Served::RoundTrips(false), Keys::Fresh),
+        ("bare, 2 redis round trips", Served::RoundTrips(true), Keys::Fresh),
+        ("memory, first executions", Served::Memory, Keys::Fresh),
+        ("memory, replays", Served::Memory, Keys::Hot),
+        ("memory, duplicates", Served::Memory, Keys::Duplicates),
+        ("redis, first executions", Served::Redis, Keys::Fresh),
+        ("redis, replays", Served::Redis, Keys::Hot),
+        ("redis, duplicates", Served::Redis, Keys::Duplicates),
     ];
     let wanted = |name: &str| {
         (name == "bare" && !options.skip_bare) || options.only.as_ref().is_none_or(|only| name.contains(only.as_str()))
@@ -363,21 +421,24 @@ fn main() {
     let mut targets: Vec<Target> = scenarios
         .into_iter()
         .filter(|(name, ..)| wanted(name))
-        .map(|(name, store, keys)| {
+        .map(|(name, served, keys)| {
             let executions = Arc::new(AtomicU64::new(0));
-            let router = router(executions.clone());
-            let router = match store {
-                None => router,
-                Some(false) => router.layer(IdempotencyLayer::new(memory.clone())),
-                Some(true) => {
-                    let pool = deadpool_redis::Config::from_url(url.as_str())
-                        .create_pool(Some(deadpool_redis::Runtime::Tokio1));
-                    router.layer(IdempotencyLayer::redis(pool.unwrap()))
+            let pool =
+                || deadpool_redis::Config::from_url(url.as_str()).create_pool(Some(deadpool_redis::Runtime::Tokio1));
+            let router = match served {
+                Served::Bare => router(executions.clone()),
+                Served::RoundTrips(two) => {
+                    let pool = pool().unwrap();
+                    let connection = deadpool_redis::Connection::take(server.block_on(pool.get()).unwrap());
+                    router_round_trips(executions.clone(), connection, two)
                 }
+                Served::Memory => router(executions.clone()).layer(IdempotencyLayer::new(memory.clone())),
+                Served::Redis => router(executions.clone()).layer(IdempotencyLayer::redis(pool().unwrap())),
             };
             let addr = server.block_on(serve(router));
             let sent = Arc::new(AtomicU64::new(0));
-            Target { name, addr, keys, redis: store == Some(true), executions, sent, measured: Measured::default() }
+            let redis = served != Served::Bare && served != Served::Memory;
+            Target { name, addr, keys, served, redis, executions, sent, measured: Measured::default() }
         })
         .collect();
 
