@@ -122,6 +122,8 @@ struct Measured {
     redis_cpu: Duration,
     redis_calls: u64,
     unexpected_statuses: u64,
+    /// Requests per second in each round, in order.
+    round_rates: Vec<f64>,
 }
 
 /// The handler every server runs: counts its executions, reads the body
@@ -361,6 +363,19 @@ async fn hold(store: &MemoryStore, count: u64) {
     }
 }
 
+/// Each round's rate over bare's in the same round (the two ran a few
+/// seconds apart): their median, lowest and highest, as `0.84 0.78-0.90`.
+/// A drifting machine moves the ratio of the totals; the paired rounds show
+/// how far.
+fn round_ratios(rates: &[f64], bare: &[f64]) -> String {
+    let mut ratios: Vec<f64> = rates.iter().zip(bare).map(|(rate, bare)| rate / bare).collect();
+    ratios.sort_by(f64::total_cmp);
+    match (ratios.first(), ratios.last()) {
+        (Some(low), Some(high)) => format!("{:.2} {low:.2}-{high:.2}", ratios[ratios.len() / 2]),
+        _ => "-".to_owned(),
+    }
+}
+
 /// Drives one round of `target` and adds what it measured.
 async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, connections: usize) {
     let (server_cpu, client_cpu) = (threads_cpu(SERVER_THREAD), threads_cpu(CLIENT_THREAD));
@@ -369,7 +384,9 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     let started = Instant::now();
     let (latencies, unexpected) = drive(target, Stop::After(length), run, connections).await;
     let measured = &mut target.measured;
-    measured.seconds += started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
+    measured.seconds += seconds;
+    measured.round_rates.push(latencies.len() as f64 / seconds);
     measured.requests += latencies.len() as u64;
     measured.latencies.extend(latencies);
     measured.unexpected_statuses += unexpected;
@@ -457,13 +474,21 @@ fn main() {
         }
     });
 
-    let bare = targets
-        .iter()
-        .find(|target| target.name == "bare")
-        .map_or(f64::NAN, |bare| bare.measured.requests as f64 / bare.measured.seconds);
+    let bare = targets.iter().find(|target| target.name == "bare").map(|bare| &bare.measured);
+    let bare_rate = bare.map_or(f64::NAN, |bare| bare.requests as f64 / bare.seconds);
+    let bare_rounds = bare.map(|bare| bare.round_rates.clone()).unwrap_or_default();
     println!(
-        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10} {:>10}",
-        "scenario", "req/s", "p50", "p99", "x bare", "server cpu", "client cpu", "redis cpu", "calls/req"
+        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>15} {:>11} {:>11} {:>10} {:>10}",
+        "scenario",
+        "req/s",
+        "p50",
+        "p99",
+        "x bare",
+        "rounds x bare",
+        "server cpu",
+        "client cpu",
+        "redis cpu",
+        "calls/req"
     );
     let mut correct = true;
     for target in &mut targets {
@@ -473,12 +498,13 @@ fn main() {
         let per = |d: Duration| d / m.requests.max(1) as u32;
         let rate = m.requests as f64 / m.seconds;
         println!(
-            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>11.2?} {:>11.2?} {:>10} {:>10}",
+            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>15} {:>11.2?} {:>11.2?} {:>10} {:>10}",
             target.name,
             rate,
             at(0.50),
             at(0.99),
-            rate / bare,
+            rate / bare_rate,
+            round_ratios(&m.round_rates, &bare_rounds),
             per(m.server_cpu),
             per(m.client_cpu),
             if target.redis { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
