@@ -644,13 +644,16 @@ where
         loop {
             match self.as_mut().project() {
                 ExecutingProj::Calling { future, claim, renewal, then } => {
-                    let output = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(cx))) {
-                        Ok(Poll::Pending) => {
-                            if let Some(claim) = claim {
-                                claim.keep_alive(renewal, cx);
-                            }
-                            return Poll::Pending;
+                    // The renewals too: a panic in either is caught.
+                    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let polled = future.poll(cx);
+                        if let (Poll::Pending, Some(claim)) = (&polled, claim.as_mut()) {
+                            claim.keep_alive(renewal, cx);
                         }
+                        polled
+                    }));
+                    let output = match polled {
+                        Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(output)) => Ok(output),
                         Err(panic) => Err(panic),
                     };
