@@ -933,7 +933,7 @@ impl<St: Store> Drop for Execution<St> {
     }
 }
 
-/// The state of a lease's next renewal, kept by [`Alive`].
+/// The state of a lease's next renewal, kept by [`Alive`] and [`Executing`].
 enum Renewal {
     /// Waiting until it is due.
     Sleeping(std::pin::Pin<Box<tokio::time::Sleep>>),
