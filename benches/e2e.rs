@@ -66,6 +66,13 @@ enum Served {
     Redis,
 }
 
+impl Served {
+    /// Whether the scenario talks to Redis, whose CPU and calls it reports.
+    fn uses_redis(self) -> bool {
+        matches!(self, Self::RoundTrips(_) | Self::Redis)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Keys {
     Fresh,
@@ -105,7 +112,6 @@ struct Target {
     addr: SocketAddr,
     keys: Keys,
     served: Served,
-    redis: bool,
     executions: Arc<AtomicU64>,
     /// Requests sent so far, warm-up included: the next request's number.
     sent: Arc<AtomicU64>,
@@ -126,6 +132,13 @@ struct Measured {
     round_rates: Vec<f64>,
 }
 
+/// The handler's work: counts an execution and writes the JSON charge it
+/// answers for a body of `body_len` bytes.
+fn charge(executions: &AtomicU64, body_len: usize) -> String {
+    let n = executions.fetch_add(1, Ordering::Relaxed);
+    format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{body_len}}}"#)
+}
+
 /// The handler every server runs: counts its executions, reads the body
 /// as a real handler would, and answers a small JSON charge.
 fn router(executions: Arc<AtomicU64>) -> Router {
@@ -133,11 +146,7 @@ fn router(executions: Arc<AtomicU64>) -> Router {
         "/v1/charges",
         post(move |body: Bytes| {
             let executions = executions.clone();
-            async move {
-                let n = executions.fetch_add(1, Ordering::Relaxed);
-                let json = format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{}}}"#, body.len());
-                ([("content-type", "application/json")], json)
-            }
+            async move { ([("content-type", "application/json")], charge(&executions, body.len())) }
         }),
     )
 }
@@ -159,10 +168,10 @@ fn router_round_trips(
                 let key = headers.get("idempotency-key").map_or(&b""[..], |key| key.as_bytes()).to_vec();
                 let _: Option<Vec<u8>> =
                     deadpool_redis::redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
-                let n = executions.fetch_add(1, Ordering::Relaxed);
-                let json = format!(r#"{{"id":"ch_{n:016x}","amount":500,"request_bytes":{}}}"#, body.len());
+                let json = charge(&executions, body.len());
                 if two {
-                    let set = deadpool_redis::redis::cmd("SET").arg(&key).arg(&json).arg("PX").arg(60_000).clone();
+                    let mut set = deadpool_redis::redis::cmd("SET");
+                    set.arg(&key).arg(&json).arg("PX").arg(60_000);
                     let _: () = set.query_async(&mut redis).await.unwrap();
                 }
                 ([("content-type", "application/json")], json)
@@ -392,7 +401,7 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     measured.unexpected_statuses += unexpected;
     measured.server_cpu += threads_cpu(SERVER_THREAD).saturating_sub(server_cpu);
     measured.client_cpu += threads_cpu(CLIENT_THREAD).saturating_sub(client_cpu);
-    if target.redis {
+    if target.served.uses_redis() {
         measured.redis_cpu += redis.cpu().saturating_sub(redis_cpu);
         measured.redis_calls += redis.calls(plain) - redis_calls;
     }
@@ -454,8 +463,7 @@ fn main() {
             };
             let addr = server.block_on(serve(router));
             let sent = Arc::new(AtomicU64::new(0));
-            let redis = served != Served::Bare && served != Served::Memory;
-            Target { name, addr, keys, served, redis, executions, sent, measured: Measured::default() }
+            Target { name, addr, keys, served, executions, sent, measured: Measured::default() }
         })
         .collect();
 
@@ -507,8 +515,12 @@ fn main() {
             round_ratios(&m.round_rates, &bare_rounds),
             per(m.server_cpu),
             per(m.client_cpu),
-            if target.redis { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
-            if target.redis { format!("{:.2}", m.redis_calls as f64 / m.requests as f64) } else { "-".to_owned() },
+            if target.served.uses_redis() { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
+            if target.served.uses_redis() {
+                format!("{:.2}", m.redis_calls as f64 / m.requests as f64)
+            } else {
+                "-".to_owned()
+            },
         );
         let executions_ok = executions_correct(target);
         if !executions_ok || target.measured.unexpected_statuses > 0 {
