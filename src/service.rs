@@ -441,7 +441,7 @@ where
 {
     let then = move |called, claim| record(called, claim, answer);
     match called {
-        Ok(future) => Executing::Calling { future, claim: Some(claim), renewal: None, then: Some(then) },
+        Ok(future) => Executing::Calling { future, renewal: None, next: Some((claim, then)) },
         Err(panic) => Executing::Then { rest: then(Err(panic), claim) },
     }
 }
@@ -623,9 +623,9 @@ pin_project_lite::pin_project! {
         Calling {
             #[pin]
             future: F,
-            claim: Option<Execution<St>>,
             renewal: Option<Renewal>,
-            then: Option<T>,
+            // The claim and `then`, taken once when `future` is over.
+            next: Option<(Execution<St>, T)>,
         },
         Then {
             #[pin]
@@ -646,22 +646,19 @@ where
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.as_mut().project() {
-                ExecutingProj::Calling { future, claim, renewal, then } => {
+                ExecutingProj::Calling { future, renewal, next } => {
+                    // Only reached once, after which `next` is taken.
+                    let Some((claim, _)) = next.as_mut() else { return Poll::Ready(()) };
                     // The renewals too: a panic in either is caught.
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        let polled = future.poll(cx);
-                        if let (Poll::Pending, Some(claim)) = (&polled, claim.as_mut()) {
-                            claim.keep_alive(renewal, cx);
-                        }
-                        polled
+                        claim.poll_alive(future, renewal, cx)
                     }));
                     let output = match polled {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(output)) => Ok(output),
                         Err(panic) => Err(panic),
                     };
-                    // Both are there until this point, which is reached once.
-                    let (Some(claim), Some(then)) = (claim.take(), then.take()) else { return Poll::Ready(()) };
+                    let Some((claim, then)) = next.take() else { return Poll::Ready(()) };
                     let rest = then(output, claim);
                     self.set(Executing::Then { rest });
                 }
@@ -770,6 +767,21 @@ impl<St: Store> Execution<St> {
     /// Runs `future` while renewing the lease.
     fn alive<F: Future>(&mut self, future: F) -> Alive<'_, St, F> {
         Alive { claim: self, future, renewal: None }
+    }
+
+    /// Polls `future`, and while it is pending moves the lease's renewals
+    /// on: what [`Alive`] and [`Executing`] do on each poll.
+    fn poll_alive<F: Future>(
+        &mut self,
+        future: std::pin::Pin<&mut F>,
+        renewal: &mut Option<Renewal>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        let polled = future.poll(cx);
+        if polled.is_pending() {
+            self.keep_alive(renewal, cx);
+        }
+        polled
     }
 
     /// Moves the lease's renewals on: sleeps until the next one is due,
@@ -963,11 +975,7 @@ impl<St: Store, F: Future> Future for Alive<'_, St, F> {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if let Poll::Ready(output) = this.future.poll(cx) {
-            return Poll::Ready(output);
-        }
-        this.claim.keep_alive(this.renewal, cx);
-        Poll::Pending
+        this.claim.poll_alive(this.future, this.renewal, cx)
     }
 }
 
