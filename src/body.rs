@@ -1,14 +1,20 @@
+//! The request body the inner service reads and the response body the
+//! client gets.
+
 use std::{
     collections::VecDeque,
-    pin::Pin,
+    pin::{Pin, pin},
     task::{Context, Poll, ready},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
+
+use crate::{RejectionKind, recording::Message};
 
 /// A boxed error, as bodies and services in the tower ecosystem use.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -85,11 +91,45 @@ where
     }
 }
 
-/// What the recording task sends to the client-facing body.
-pub(crate) enum Message {
-    Frame(Frame<Bytes>),
-    Error(BoxError),
-    End,
+/// Buffers a request body up to `limit` bytes, refusing larger ones before
+/// reading them when their length is declared.
+pub(crate) async fn read_body<B>(body: B, limit: usize) -> Result<(Bytes, Option<HeaderMap>), RejectionKind>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(RejectionKind::BodyTooLarge);
+    }
+    let mut body = pin!(Limited::new(body, limit));
+    // A body in one chunk (the common case) is kept as it came; more are
+    // joined into one buffer.
+    let (mut first, mut joined) = (Bytes::new(), BytesMut::new());
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) if error.is::<LengthLimitError>() => return Err(RejectionKind::BodyTooLarge),
+            Err(_) => return Err(RejectionKind::InvalidBody),
+        };
+        match frame.into_data() {
+            Ok(data) if first.is_empty() && joined.is_empty() => first = data,
+            Ok(data) => {
+                if joined.is_empty() {
+                    joined.reserve(first.len() + data.len());
+                    joined.extend_from_slice(&std::mem::take(&mut first));
+                }
+                joined.extend_from_slice(&data);
+            }
+            Err(frame) => {
+                if let Ok(more) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                }
+            }
+        }
+    }
+    let body = if joined.is_empty() { first } else { joined.freeze() };
+    Ok((body, trailers))
 }
 
 pin_project! {

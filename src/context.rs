@@ -115,7 +115,7 @@ mod extract {
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
             parts.extensions.get::<Self>().cloned().ok_or_else(|| {
-                let grpc = crate::service::is_grpc(&parts.headers);
+                let grpc = crate::policy::is_grpc(&parts.headers);
                 Rejection::new(RejectionKind::MissingKey, grpc)
                     .default_response()
                     .map(axum_core::body::Body::from)

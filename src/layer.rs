@@ -1,66 +1,22 @@
+//! [`IdempotencyLayer`]: its constructors, one per store, and its
+//! settings.
+
 use std::{fmt, sync::Arc, time::Duration};
 
 use http::{HeaderName, Method, StatusCode, request::Parts};
 use tower_layer::Layer;
 
+#[cfg(feature = "redis")]
+use crate::store::redis::{RedisClusterStore, RedisStore, deadpool_redis};
 use crate::{
     CompletedStrategy, FailureMode, IdempotencyKey, InFlightPolicy, Metrics, RecordId, Responder, Scope,
+    config::{Config, ConfigError, RequireFn},
     policy::default_store_rule,
     response::DefaultResponder,
     service::Idempotency,
     store::{MemoryStore, RecordState, Store, StoreError},
+    timeout::with_timeout,
 };
-
-type ScopeFn = dyn Fn(&Parts) -> Option<Scope> + Send + Sync;
-type RequireFn = dyn Fn(&Parts) -> bool + Send + Sync;
-type StoreIfFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-
-/// A configuration value was out of range.
-///
-/// # Example
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::{ConfigError, IdempotencyLayer};
-///
-/// let error = IdempotencyLayer::memory().with_lease(Duration::ZERO).unwrap_err();
-/// assert!(matches!(error, ConfigError::Zero("lease")));
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// A duration or size that must be positive was zero.
-    #[error("{0} must be greater than zero")]
-    Zero(&'static str),
-    /// The lease ceiling is shorter than the lease.
-    #[error("the lease ceiling must be at least the lease")]
-    CeilingBelowLease,
-}
-
-/// Everything a layer and its services share.
-#[derive(Clone)]
-pub(crate) struct Config<St> {
-    pub(crate) store: St,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) header: HeaderName,
-    pub(crate) require: Option<Arc<RequireFn>>,
-    pub(crate) scope: Arc<ScopeFn>,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) in_flight: InFlightPolicy,
-    pub(crate) completed: CompletedStrategy,
-    pub(crate) store_if: Arc<StoreIfFn>,
-    pub(crate) lease: Duration,
-    pub(crate) lease_ceiling: Duration,
-    pub(crate) retention: Duration,
-    pub(crate) body_limit: usize,
-    pub(crate) body_timeout: Duration,
-    pub(crate) response_limit: usize,
-    pub(crate) store_timeout: Duration,
-    pub(crate) retry_after: Duration,
-    pub(crate) failure: FailureMode,
-    pub(crate) responder: Arc<dyn Responder>,
-    pub(crate) namespace: Arc<str>,
-    pub(crate) metrics: Metrics,
-}
 
 /// Makes retried requests safe: the first request with an `Idempotency-Key`
 /// runs, every later one with the same key gets its recorded response.
@@ -133,6 +89,45 @@ impl IdempotencyLayer<MemoryStore> {
     /// ```
     pub fn memory() -> Self {
         Self::new(MemoryStore::new())
+    }
+}
+
+#[cfg(feature = "redis")]
+impl IdempotencyLayer<RedisStore> {
+    /// A layer on one Redis, shared by every instance of the application.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyLayer, store::redis::deadpool_redis};
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let layer = IdempotencyLayer::redis(pool);
+    /// # drop(layer);
+    /// ```
+    pub fn redis(pool: deadpool_redis::Pool) -> Self {
+        Self::new(RedisStore::new(pool))
+    }
+}
+
+#[cfg(feature = "redis")]
+impl IdempotencyLayer<RedisClusterStore> {
+    /// A layer on a Redis Cluster.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyLayer, store::redis::deadpool_redis};
+    ///
+    /// let urls = vec!["redis://127.0.0.1:7000".to_owned(), "redis://127.0.0.1:7001".to_owned()];
+    /// let pool = deadpool_redis::cluster::Config::from_urls(urls)
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let layer = IdempotencyLayer::redis_cluster(pool);
+    /// # drop(layer);
+    /// ```
+    pub fn redis_cluster(pool: deadpool_redis::cluster::Pool) -> Self {
+        Self::new(RedisStore::new(pool))
     }
 }
 
@@ -497,7 +492,7 @@ impl<St: Store> IdempotencyLayer<St> {
     pub async fn lookup(&self, scope: &Scope, key: &IdempotencyKey) -> Result<Option<RecordState>, StoreError> {
         let id = RecordId::new(&self.config.namespace, scope, key);
         let config = &self.config;
-        crate::future::with_timeout(config.store_timeout, config.store.lookup(&id)).await
+        with_timeout(config.store_timeout, config.store.lookup(&id)).await
     }
 }
 

@@ -76,7 +76,9 @@
 //!
 //! # Stores
 //!
-//! [`store::MemoryStore`] is built in; other stores implement [`store::Store`].
+//! [`store::MemoryStore`] is built in; `store::redis` holds the Redis and
+//! Redis Cluster stores (feature `redis`); other stores implement
+//! [`store::Store`].
 //!
 //! # Observability
 //!
@@ -86,12 +88,17 @@
 //!
 //! # Features
 //!
+//! - `redis` (on by default): the Redis and Redis Cluster stores, on
+//!   deadpool-redis, and [`IdempotencyLayer::redis`] and
+//!   [`IdempotencyLayer::redis_cluster`].
 //! - `axum`: [`IdempotencyContext`] as an axum extractor.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod claim;
+mod config;
 mod context;
 mod fingerprint;
 mod future;
@@ -100,16 +107,19 @@ mod layer;
 mod metrics;
 pub mod policy;
 mod record;
+mod recording;
 mod response;
 mod service;
 pub mod store;
+mod timeout;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+pub use config::ConfigError;
 pub use context::IdempotencyContext;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordId, Scope};
-pub use layer::{ConfigError, IdempotencyLayer};
+pub use layer::IdempotencyLayer;
 pub use metrics::{Metrics, Outcome};
 pub use policy::{CompletedStrategy, FailureMode, InFlightPolicy, StoreResponse};
 pub use record::{DecodeError, NotStored, Record, StoredResponse};

@@ -5,6 +5,8 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use crate::{RecordId, RejectionKind, store::StoreError};
+
 /// What happened to one guarded request.
 ///
 /// # Example
@@ -110,7 +112,38 @@ impl Metrics {
         self.counters[outcome.index()].load(Ordering::Relaxed)
     }
 
-    pub(crate) fn record(&self, outcome: Outcome) {
+    fn add(&self, outcome: Outcome) {
         self.counters[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts and logs `outcome` for the record `id`.
+    pub(crate) fn count(&self, outcome: Outcome, id: &RecordId) {
+        self.add(outcome);
+        tracing::debug!(outcome = outcome.as_str(), key = %id, "idempotency outcome");
+    }
+
+    /// Counts and logs a rejection, as the outcome its kind stands for.
+    pub(crate) fn count_rejection(&self, kind: RejectionKind) {
+        let outcome = match kind {
+            RejectionKind::KeyReused => Outcome::Mismatch,
+            RejectionKind::InFlight | RejectionKind::InFlightAccepted => Outcome::InFlight,
+            // Counted where they happen, as a store error or a panic.
+            RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked => return,
+            _ => Outcome::Rejected,
+        };
+        self.add(outcome);
+        tracing::debug!(outcome = outcome.as_str(), rejection = kind.problem_type(), "idempotency outcome");
+    }
+
+    /// Counts and logs a failed store call: a stale owner, or the store
+    /// failing.
+    pub(crate) fn store_failed(&self, id: &RecordId, call: &'static str, error: &StoreError) {
+        if matches!(error, StoreError::NotOwner) {
+            self.add(Outcome::StaleOwner);
+            tracing::warn!(call, key = %id, "lease ran out before {call}: another request may own the key");
+        } else {
+            self.add(Outcome::StoreError);
+            tracing::warn!(call, key = %id, %error, "idempotency store call failed");
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::StatusCode;
+use http::{HeaderMap, StatusCode, header};
 
 /// What a duplicate gets while the first request with its key still runs.
 ///
@@ -153,6 +153,30 @@ pub fn grpc_to_http(code: u32) -> StatusCode {
         _ => 500,
     };
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The rule [`crate::IdempotencyLayer::with_store_if`] sets.
+pub(crate) type StoreIf = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// Whether a response is stored: the inner service's own `verdict` when it
+/// gave one, else the rule `store_if` on its (effective) status.
+pub(crate) fn is_stored(store_if: &StoreIf, verdict: Option<StoreResponse>, status: StatusCode) -> bool {
+    match verdict {
+        Some(StoreResponse::Always) => true,
+        Some(StoreResponse::Never) => false,
+        None => store_if(status),
+    }
+}
+
+/// Whether a request or response is gRPC (`content-type: application/grpc*`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The status a response counts as for the storage rule: its `grpc-status`
+/// when it has one (a trailers-only gRPC response), else its HTTP status.
+pub(crate) fn effective_status(status: StatusCode, headers: &HeaderMap) -> StatusCode {
+    headers.get("grpc-status").and_then(|value| value.to_str().ok()?.parse().ok()).map_or(status, grpc_to_http)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::{fmt::Write as _, time::Duration};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::{KeyError, NotStored};
+use crate::{IdempotencyKey, KeyError, NotStored, ResponseBody};
 
 /// Why the layer answered instead of the inner service.
 ///
@@ -238,6 +238,18 @@ impl Rejection {
         self
     }
 
+    /// The response through `responder`, telling the client when to retry
+    /// where waiting helps (in flight, store unavailable).
+    pub(crate) fn respond<B>(self, responder: &dyn Responder, retry_after: Duration) -> Response<ResponseBody<B>> {
+        let rejection = match self.kind {
+            RejectionKind::InFlight | RejectionKind::InFlightAccepted | RejectionKind::StoreUnavailable => {
+                self.with_retry_after(retry_after)
+            }
+            _ => self,
+        };
+        responder.respond(&rejection).map(ResponseBody::full)
+    }
+
     /// What went wrong.
     ///
     /// # Example
@@ -369,6 +381,20 @@ impl Responder for DefaultResponder {
     fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
         rejection.default_response()
     }
+}
+
+/// The `Location` for the `Accepted` policy: `{key}` in `template` replaced
+/// by the key, percent-encoded but for unreserved characters.
+pub(crate) fn status_location(template: &str, key: &IdempotencyKey) -> Option<HeaderValue> {
+    let mut encoded = String::with_capacity(key.as_str().len());
+    for b in key.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::try_from(template.replace("{key}", &encoded)).ok()
 }
 
 fn json_string(out: &mut String, value: &str) {

@@ -1,9 +1,11 @@
-//! The built-in in-memory store.
+//! The sharded table of records behind [`super::MemoryStore`]: entries,
+//! their expiry, and the entry and byte accounting against the limits.
 
 use std::{
     cmp::Reverse,
     collections::{BinaryHeap, hash_map::RandomState},
     hash::BuildHasher,
+    pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -12,19 +14,24 @@ use std::{
 };
 
 use hashbrown::HashTable;
-use tokio::{sync::Notify, time::Instant};
+use tokio::{
+    sync::{Notify, futures::OwnedNotified},
+    time::Instant,
+};
 
-use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
-use crate::{FencingToken, Fingerprint, Record, RecordId};
+use crate::{
+    FencingToken, Fingerprint, Record, RecordId,
+    store::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, StoreError},
+};
 
-const SHARDS: usize = 64;
+pub(super) const SHARDS: usize = 64;
 /// Bytes counted for an entry besides its record: the id, the entry and its
 /// expiry slot.
-const ENTRY_OVERHEAD: usize = 160;
+pub(super) const ENTRY_OVERHEAD: usize = 160;
 /// Bytes counted for an in-flight entry: enough that completing it with a
 /// "not stored" record never needs more room, so that completion cannot be
 /// refused by a full store.
-const IN_FLIGHT_SIZE: usize = ENTRY_OVERHEAD + 64;
+pub(super) const IN_FLIGHT_SIZE: usize = ENTRY_OVERHEAD + 64;
 /// Expired entries removed per call, so no call pays for a large backlog.
 const PURGE_PER_CALL: usize = 32;
 /// Records up to this size are copied out for each replay rather than
@@ -33,42 +40,11 @@ const PURGE_PER_CALL: usize = 32;
 /// copy of a few KiB costs well under a microsecond.
 const COPY_LIMIT: usize = 4096;
 
-/// A bounded in-memory store, for one process.
-///
-/// - Bounded by entries and bytes. When full it refuses new claims with
-///   [`StoreError::Full`], which the layer answers like an unavailable store
-///   (503 by default); it never evicts a record early, in flight or completed.
-/// - Leases and retention are honoured: an expired record is gone for every
-///   call, and its memory is reclaimed as calls pass by.
-/// - Sharded 64 ways with one short lock each; no global lock.
-/// - Compact: a completed record is kept as its encoded bytes beside a
-///   56-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
-///   it takes per record). Records up to 4 KiB are copied for each replay,
-///   larger ones shared.
-/// - Waiters for an in-flight record are woken when it completes or is
-///   released, without polling.
-///
-/// Cloning shares the same records.
-///
-/// # Example
-/// ```
-/// use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
-///
-/// let store = MemoryStore::with_limits(10_000, 64 << 20);
-/// let layer = IdempotencyLayer::new(store.clone());
-/// assert_eq!(store.len(), 0);
-/// # drop(layer);
-/// ```
-#[derive(Clone)]
-pub struct MemoryStore {
-    inner: Arc<Inner>,
-}
-
 /// Microseconds since the store's epoch: 8 bytes an entry instead of an
 /// `Instant`'s 16.
 type Micros = u64;
 
-struct Inner {
+pub(super) struct Inner {
     shards: Box<[Mutex<Shard>]>,
     hasher: IdHashing,
     epoch: Instant,
@@ -90,7 +66,7 @@ struct Shard {
     expiries: BinaryHeap<Reverse<(Micros, u64)>>,
 }
 
-struct Entry {
+pub(super) struct Entry {
     id: IdPrefix,
     expires_at: Micros,
     state: State,
@@ -132,89 +108,6 @@ impl Entry {
     }
 }
 
-impl Default for MemoryStore {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl MemoryStore {
-    /// A store of at most 100,000 records and 256 MiB.
-    ///
-    /// # Example
-    /// ```
-    /// # use tower_idempotency::store::MemoryStore;
-    /// assert!(MemoryStore::new().is_empty());
-    /// ```
-    pub fn new() -> Self {
-        Self::with_limits(100_000, 256 << 20)
-    }
-
-    /// A store of at most `max_entries` records and `max_bytes` bytes of
-    /// records (each record counts its encoded size plus 160 bytes).
-    ///
-    /// # Example
-    /// ```
-    /// # use tower_idempotency::store::MemoryStore;
-    /// let store = MemoryStore::with_limits(1_000_000, 1 << 30);
-    /// # drop(store);
-    /// ```
-    pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
-        let random = RandomState::new();
-        let owner_seed = random.hash_one(0u8);
-        let hasher = IdHashing { seeds: [random.hash_one(1u8), random.hash_one(2u8) | 1] };
-        Self {
-            inner: Arc::new(Inner {
-                shards: (0..SHARDS)
-                    .map(|_| Mutex::new(Shard { entries: HashTable::new(), expiries: BinaryHeap::new() }))
-                    .collect(),
-                hasher,
-                epoch: Instant::now(),
-                entries: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                max_entries,
-                max_bytes,
-                fencing: AtomicU64::new(0),
-                owner_seed,
-            }),
-        }
-    }
-
-    /// How many records the store holds, expired ones not yet reclaimed
-    /// included.
-    ///
-    /// # Example
-    /// ```
-    /// # use tower_idempotency::store::MemoryStore;
-    /// assert_eq!(MemoryStore::new().len(), 0);
-    /// ```
-    pub fn len(&self) -> usize {
-        self.inner.entries.load(Ordering::Relaxed)
-    }
-
-    /// Whether the store holds no record.
-    ///
-    /// # Example
-    /// ```
-    /// # use tower_idempotency::store::MemoryStore;
-    /// assert!(MemoryStore::new().is_empty());
-    /// ```
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Bytes counted against the byte limit.
-    ///
-    /// # Example
-    /// ```
-    /// # use tower_idempotency::store::MemoryStore;
-    /// assert_eq!(MemoryStore::new().bytes(), 0);
-    /// ```
-    pub fn bytes(&self) -> usize {
-        self.inner.bytes.load(Ordering::Relaxed)
-    }
-}
-
 /// Hashes record ids, for the shards and their tables. Ids are SHA-256
 /// digests, uniform already; folding their bits with two secret seeds
 /// (multiplications, as `foldhash` does) keeps a client, who can compute
@@ -252,6 +145,35 @@ fn after(at: Micros, duration: Duration) -> Micros {
 }
 
 impl Inner {
+    /// Entries held, expired ones not yet reclaimed included.
+    pub(super) fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Bytes counted against the byte limit.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
+        let random = RandomState::new();
+        let owner_seed = random.hash_one(0u8);
+        let hasher = IdHashing { seeds: [random.hash_one(1u8), random.hash_one(2u8) | 1] };
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { entries: HashTable::new(), expiries: BinaryHeap::new() }))
+                .collect(),
+            hasher,
+            epoch: Instant::now(),
+            entries: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_entries,
+            max_bytes,
+            fencing: AtomicU64::new(0),
+            owner_seed,
+        }
+    }
+
     fn now(&self) -> Micros {
         u64::try_from(Instant::now().saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
     }
@@ -288,7 +210,7 @@ impl Inner {
         }
     }
 
-    fn purge_all(&self) {
+    pub(super) fn purge_all(&self) {
         let now = self.now();
         for shard in &*self.shards {
             let mut shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
@@ -374,7 +296,7 @@ impl Inner {
         }
     }
 
-    fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
+    pub(super) fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
         let now = self.now();
         let id = request.id();
         let key = prefix(&id);
@@ -422,25 +344,16 @@ impl Inner {
             }
         }
     }
-}
 
-impl Store for MemoryStore {
-    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
-        if let Some(claim) = self.inner.try_claim(&request) {
-            return claim;
-        }
-        self.inner.purge_all();
-        self.inner.try_claim(&request).unwrap_or(Err(StoreError::Full))
-    }
-
-    async fn complete(
+    /// Completes the claim of `owner` with `record`, kept for `retention`.
+    pub(super) fn complete(
         &self,
         id: &RecordId,
         owner: OwnerToken,
         record: Record,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |inner, shard, hash, now| {
+        self.with_owned(id, owner, |inner, shard, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
             let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else {
                 return Err(StoreError::NotOwner);
@@ -469,15 +382,17 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |inner, shard, hash, _| {
+    /// Gives the claim of `owner` up.
+    pub(super) fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        self.with_owned(id, owner, |inner, shard, hash, _| {
             inner.remove(shard, hash, id);
             Ok(())
         })
     }
 
-    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        self.inner.with_owned(id, owner, |_, shard, hash, now| {
+    /// Extends the claim of `owner` to `lease` from now.
+    pub(super) fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        self.with_owned(id, owner, |_, shard, hash, now| {
             if let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) {
                 let expires_at = after(now, lease);
                 if expires_at < entry.expires_at {
@@ -489,46 +404,47 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
-        let now = self.inner.now();
+    /// The state of the record `id`, if it is live.
+    pub(super) fn lookup(&self, id: &RecordId) -> Option<RecordState> {
+        let now = self.now();
         let key = prefix(id);
-        let hash = self.inner.hasher.hash(&key);
-        let shard = self.inner.shard(hash);
+        let hash = self.hasher.hash(&key);
+        let shard = self.shard(hash);
         let entry = shard.entries.find(hash, |entry| entry.id == key).filter(|entry| entry.expires_at > now);
-        Ok(entry.map(|entry| match &entry.state {
+        entry.map(|entry| match &entry.state {
             State::InFlight(in_flight) => {
                 RecordState::InFlight { fingerprint: in_flight.fingerprint, fencing_token: in_flight.fencing_token }
             }
             State::Completed(record) => RecordState::Completed(hand_out(record)),
-        }))
+        })
     }
 
-    async fn wait(&self, id: &RecordId, timeout: Duration) {
-        let notified = {
-            let now = self.inner.now();
-            let key = prefix(id);
-            let hash = self.inner.hasher.hash(&key);
-            let mut shard = self.inner.shard(hash);
-            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == key) else { return };
-            let State::InFlight(in_flight) = &mut entry.state else { return };
-            if entry.expires_at <= now {
-                return;
-            }
-            // Wake up by the lease's end at the latest: an expired lease
-            // sends no signal.
-            let deadline = self.inner.instant(entry.expires_at.min(after(now, timeout)));
-            let waiters = in_flight.waiters.get_or_insert_with(Default::default).clone();
-            // Registered under the shard lock, so a completion that follows
-            // cannot be missed.
-            let mut notified = Box::pin(waiters.notified_owned());
-            notified.as_mut().enable();
-            (notified, deadline)
-        };
-        let (notified, deadline) = notified;
-        match deadline {
-            Some(deadline) => drop(tokio::time::timeout_at(deadline, notified).await),
-            None => drop(tokio::time::timeout(timeout, notified).await),
+    /// A signal for when the in-flight record `id` completes or is released,
+    /// and when to stop waiting for it (its lease's end, or `timeout`);
+    /// `None` when it is not in flight.
+    pub(super) fn wake_on_settle(
+        &self,
+        id: &RecordId,
+        timeout: Duration,
+    ) -> Option<(Pin<Box<OwnedNotified>>, Option<Instant>)> {
+        let now = self.now();
+        let key = prefix(id);
+        let hash = self.hasher.hash(&key);
+        let mut shard = self.shard(hash);
+        let entry = shard.entries.find_mut(hash, |entry| entry.id == key)?;
+        let State::InFlight(in_flight) = &mut entry.state else { return None };
+        if entry.expires_at <= now {
+            return None;
         }
+        // Wake up by the lease's end at the latest: an expired lease sends
+        // no signal.
+        let deadline = self.instant(entry.expires_at.min(after(now, timeout)));
+        let waiters = in_flight.waiters.get_or_insert_with(Default::default).clone();
+        // Registered under the shard lock, so a completion that follows
+        // cannot be missed.
+        let mut notified = Box::pin(waiters.notified_owned());
+        notified.as_mut().enable();
+        Some((notified, deadline))
     }
 }
 
@@ -538,7 +454,7 @@ mod tests {
 
     #[test]
     fn ids_that_differ_in_any_byte_spread_over_shards_and_buckets() {
-        let store = MemoryStore::new();
+        let table = Inner::new(1, 1);
         // An entry keeps, and its hash reads, the first 16 bytes of the id.
         for position in [0, 7, 8, 15] {
             let mut shards = std::collections::HashSet::new();
@@ -546,123 +462,12 @@ mod tests {
             for value in 0..=255u8 {
                 let mut bytes = [0x5a; 32];
                 bytes[position] = value;
-                let hash = store.inner.hasher.hash(&prefix(&RecordId::from_bytes(bytes)));
+                let hash = table.hasher.hash(&prefix(&RecordId::from_bytes(bytes)));
                 shards.insert((hash >> 32) % SHARDS as u64);
                 hashes.insert(hash & 0xfff);
             }
             assert!(shards.len() >= 48, "byte {position}: {} of {SHARDS} shards", shards.len());
             assert!(hashes.len() >= 200, "byte {position}: {} distinct low bits", hashes.len());
         }
-    }
-
-    fn request(id: u8) -> ClaimRequest {
-        ClaimRequest::new(RecordId::from_bytes([id; 32]), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30))
-    }
-
-    fn record(body: usize) -> Record {
-        let response = crate::StoredResponse::new(http::StatusCode::OK, Default::default(), vec![0; body].into(), None);
-        Record::new(Fingerprint::from_bytes([0; 32]), response)
-    }
-
-    #[tokio::test]
-    async fn full_store_refuses_new_claims_but_keeps_serving_existing_ones() {
-        let store = MemoryStore::with_limits(2, usize::MAX);
-        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Acquired(_))));
-        assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
-        assert!(matches!(store.claim(request(3)).await, Err(StoreError::Full)));
-        assert!(matches!(store.claim(request(1)).await, Ok(Claim::InFlight { .. })));
-        assert_eq!(store.len(), 2);
-    }
-
-    #[tokio::test]
-    async fn byte_limit_refuses_a_record_that_does_not_fit() {
-        let store = MemoryStore::with_limits(10, IN_FLIGHT_SIZE + 1000);
-        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
-        let id = request(1).id();
-        let huge = store.complete(&id, lease.owner(), record(4000), Duration::from_secs(60)).await;
-        assert!(matches!(huge, Err(StoreError::Full)));
-        // A "not stored" marker always fits in the room the claim took.
-        let marker = Record::not_stored(Fingerprint::from_bytes([0; 32]), crate::NotStored::StoreFull);
-        assert!(ENTRY_OVERHEAD + marker.encoded_len() <= IN_FLIGHT_SIZE);
-        store.complete(&id, lease.owner(), record(500), Duration::from_secs(60)).await.unwrap();
-        assert_eq!(store.bytes(), ENTRY_OVERHEAD + record(500).encoded_len());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn expired_records_free_their_room() {
-        let store = MemoryStore::with_limits(1, usize::MAX);
-        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Acquired(_))));
-        assert!(matches!(store.claim(request(2)).await, Err(StoreError::Full)));
-        tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
-        assert_eq!((store.len(), store.bytes()), (1, IN_FLIGHT_SIZE));
-    }
-
-    #[test]
-    fn an_entry_is_56_bytes_besides_its_record() {
-        assert!(size_of::<Entry>() <= 56, "{} bytes", size_of::<Entry>());
-    }
-
-    /// A one-entry store answers `Full` while its record is held, so a
-    /// second claim tells whether the first record's room came back.
-    async fn room_is_free(store: &MemoryStore, id: u8) -> bool {
-        match store.claim(request(id)).await {
-            Ok(Claim::Acquired(lease)) => {
-                store.release(&request(id).id(), lease.owner()).await.unwrap();
-                true
-            }
-            Err(StoreError::Full) => false,
-            other => panic!("unexpected claim: {other:?}"),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_record_kept_past_its_lease_is_reclaimed_when_its_retention_ends() {
-        let store = MemoryStore::with_limits(1, usize::MAX);
-        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
-        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(60)).await.unwrap();
-        tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(!room_is_free(&store, 2).await, "reclaimed at its lease's end");
-        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Completed(_))));
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(room_is_free(&store, 2).await);
-        assert_eq!(store.bytes(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_retention_shorter_than_the_lease_frees_the_room_at_its_end() {
-        let store = MemoryStore::with_limits(1, usize::MAX);
-        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
-        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(1)).await.unwrap();
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(!room_is_free(&store, 2).await);
-        tokio::time::advance(Duration::from_millis(2)).await;
-        assert!(room_is_free(&store, 2).await);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_renewed_claim_keeps_its_room_until_the_renewal_ends() {
-        let store = MemoryStore::with_limits(1, usize::MAX);
-        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
-        tokio::time::advance(Duration::from_secs(20)).await;
-        store.renew(&request(1).id(), lease.owner(), Duration::from_secs(30)).await.unwrap();
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!room_is_free(&store, 2).await);
-        assert!(matches!(store.claim(request(1)).await, Ok(Claim::InFlight { .. })));
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(room_is_free(&store, 2).await);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_completed_record_claimed_again_to_rerun_expires_with_its_new_lease() {
-        let store = MemoryStore::with_limits(1, usize::MAX);
-        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
-        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(3600)).await.unwrap();
-        let rerun = request(1).with_replace_completed(true);
-        assert!(matches!(store.claim(rerun).await, Ok(Claim::Acquired(_))));
-        assert_eq!(store.bytes(), IN_FLIGHT_SIZE);
-        // The rerun is abandoned: its lease, not the old retention, ends it.
-        tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(room_is_free(&store, 2).await);
     }
 }

@@ -1,0 +1,87 @@
+//! What a layer and every service it makes share: the store and the
+//! settings, and the errors of setting them.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, Response, request::Parts};
+
+use crate::{
+    CompletedStrategy, FailureMode, InFlightPolicy, Metrics, RecordId, Rejection, RejectionKind, Responder,
+    ResponseBody, Scope,
+    policy::StoreIf,
+    store::{OwnerToken, Store},
+    timeout::with_timeout,
+};
+
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<Scope> + Send + Sync;
+pub(crate) type RequireFn = dyn Fn(&Parts) -> bool + Send + Sync;
+
+/// A configuration value was out of range.
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{ConfigError, IdempotencyLayer};
+///
+/// let error = IdempotencyLayer::memory().with_lease(Duration::ZERO).unwrap_err();
+/// assert!(matches!(error, ConfigError::Zero("lease")));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration or size that must be positive was zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// The lease ceiling is shorter than the lease.
+    #[error("the lease ceiling must be at least the lease")]
+    CeilingBelowLease,
+}
+
+/// Everything a layer and its services share.
+#[derive(Clone)]
+pub(crate) struct Config<St> {
+    pub(crate) store: St,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) header: HeaderName,
+    pub(crate) require: Option<Arc<RequireFn>>,
+    pub(crate) scope: Arc<ScopeFn>,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) in_flight: InFlightPolicy,
+    pub(crate) completed: CompletedStrategy,
+    pub(crate) store_if: Arc<StoreIf>,
+    pub(crate) lease: Duration,
+    pub(crate) lease_ceiling: Duration,
+    pub(crate) retention: Duration,
+    pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
+    pub(crate) response_limit: usize,
+    pub(crate) store_timeout: Duration,
+    pub(crate) retry_after: Duration,
+    pub(crate) failure: FailureMode,
+    pub(crate) responder: Arc<dyn Responder>,
+    pub(crate) namespace: Arc<str>,
+    pub(crate) metrics: Metrics,
+}
+
+impl<St: Store> Config<St> {
+    /// Gives the claim of `owner` back, under the store timeout; a failure
+    /// is logged, as nobody waits for it.
+    pub(crate) async fn release(&self, id: &RecordId, owner: OwnerToken) {
+        if let Err(error) = with_timeout(self.store_timeout, self.store.release(id, owner)).await {
+            self.metrics.store_failed(id, "release", &error);
+        }
+    }
+}
+
+impl<St> Config<St> {
+    /// The response to a rejection of `kind`, counted.
+    pub(crate) fn reject<B>(&self, kind: RejectionKind, grpc: bool) -> Response<ResponseBody<B>> {
+        self.reject_with(Rejection::new(kind, grpc))
+    }
+
+    /// The response to `rejection`, counted, through the configured responder.
+    pub(crate) fn reject_with<B>(&self, rejection: Rejection) -> Response<ResponseBody<B>> {
+        self.metrics.count_rejection(rejection.kind());
+        rejection.respond(&*self.responder, self.retry_after)
+    }
+}

@@ -1,0 +1,266 @@
+//! The built-in in-memory store.
+
+mod table;
+
+use std::{sync::Arc, time::Duration};
+
+use self::table::Inner;
+use super::{Claim, ClaimRequest, OwnerToken, RecordState, Store, StoreError};
+use crate::{Record, RecordId};
+
+/// A bounded in-memory store, for one process.
+///
+/// - Bounded by entries and bytes. When full it refuses new claims with
+///   [`StoreError::Full`], which the layer answers like an unavailable store
+///   (503 by default); it never evicts a record early, in flight or completed.
+/// - Leases and retention are honoured: an expired record is gone for every
+///   call, and its memory is reclaimed as calls pass by.
+/// - Sharded 64 ways with one short lock each; no global lock.
+/// - Compact: a completed record is kept as its encoded bytes beside a
+///   56-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
+///   it takes per record). Records up to 4 KiB are copied for each replay,
+///   larger ones shared.
+/// - Waiters for an in-flight record are woken when it completes or is
+///   released, without polling.
+///
+/// Cloning shares the same records.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
+///
+/// let store = MemoryStore::with_limits(10_000, 64 << 20);
+/// let layer = IdempotencyLayer::new(store.clone());
+/// assert_eq!(store.len(), 0);
+/// # drop(layer);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store of at most 100,000 records and 256 MiB.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// assert!(MemoryStore::new().is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::with_limits(100_000, 256 << 20)
+    }
+
+    /// A store of at most `max_entries` records and `max_bytes` bytes of
+    /// records (each record counts its encoded size plus 160 bytes).
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// let store = MemoryStore::with_limits(1_000_000, 1 << 30);
+    /// # drop(store);
+    /// ```
+    pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
+        Self { inner: Arc::new(Inner::new(max_entries, max_bytes)) }
+    }
+
+    /// How many records the store holds, expired ones not yet reclaimed
+    /// included.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// assert_eq!(MemoryStore::new().len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether the store holds no record.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// assert!(MemoryStore::new().is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes counted against the byte limit.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// assert_eq!(MemoryStore::new().bytes(), 0);
+    /// ```
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes()
+    }
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+        if let Some(claim) = self.inner.try_claim(&request) {
+            return claim;
+        }
+        self.inner.purge_all();
+        self.inner.try_claim(&request).unwrap_or(Err(StoreError::Full))
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: Record,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(id, owner, record, retention)
+    }
+
+    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        self.inner.release(id, owner)
+    }
+
+    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        self.inner.renew(id, owner, lease)
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        Ok(self.inner.lookup(id))
+    }
+
+    async fn wait(&self, id: &RecordId, timeout: Duration) {
+        let Some((notified, deadline)) = self.inner.wake_on_settle(id, timeout) else { return };
+        match deadline {
+            Some(deadline) => drop(tokio::time::timeout_at(deadline, notified).await),
+            None => drop(tokio::time::timeout(timeout, notified).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        table::{ENTRY_OVERHEAD, Entry, IN_FLIGHT_SIZE},
+        *,
+    };
+    use crate::Fingerprint;
+
+    fn request(id: u8) -> ClaimRequest {
+        ClaimRequest::new(RecordId::from_bytes([id; 32]), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30))
+    }
+
+    fn record(body: usize) -> Record {
+        let response = crate::StoredResponse::new(http::StatusCode::OK, Default::default(), vec![0; body].into(), None);
+        Record::new(Fingerprint::from_bytes([0; 32]), response)
+    }
+
+    #[tokio::test]
+    async fn full_store_refuses_new_claims_but_keeps_serving_existing_ones() {
+        let store = MemoryStore::with_limits(2, usize::MAX);
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(store.claim(request(3)).await, Err(StoreError::Full)));
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::InFlight { .. })));
+        assert_eq!(store.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn byte_limit_refuses_a_record_that_does_not_fit() {
+        let store = MemoryStore::with_limits(10, IN_FLIGHT_SIZE + 1000);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        let id = request(1).id();
+        let huge = store.complete(&id, lease.owner(), record(4000), Duration::from_secs(60)).await;
+        assert!(matches!(huge, Err(StoreError::Full)));
+        // A "not stored" marker always fits in the room the claim took.
+        let marker = Record::not_stored(Fingerprint::from_bytes([0; 32]), crate::NotStored::StoreFull);
+        assert!(ENTRY_OVERHEAD + marker.encoded_len() <= IN_FLIGHT_SIZE);
+        store.complete(&id, lease.owner(), record(500), Duration::from_secs(60)).await.unwrap();
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD + record(500).encoded_len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_free_their_room() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(store.claim(request(2)).await, Err(StoreError::Full)));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(matches!(store.claim(request(2)).await, Ok(Claim::Acquired(_))));
+        assert_eq!((store.len(), store.bytes()), (1, IN_FLIGHT_SIZE));
+    }
+
+    #[test]
+    fn an_entry_is_56_bytes_besides_its_record() {
+        assert!(size_of::<Entry>() <= 56, "{} bytes", size_of::<Entry>());
+    }
+
+    /// A one-entry store answers `Full` while its record is held, so a
+    /// second claim tells whether the first record's room came back.
+    async fn room_is_free(store: &MemoryStore, id: u8) -> bool {
+        match store.claim(request(id)).await {
+            Ok(Claim::Acquired(lease)) => {
+                store.release(&request(id).id(), lease.owner()).await.unwrap();
+                true
+            }
+            Err(StoreError::Full) => false,
+            other => panic!("unexpected claim: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_kept_past_its_lease_is_reclaimed_when_its_retention_ends() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(60)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!room_is_free(&store, 2).await, "reclaimed at its lease's end");
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::Completed(_))));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(room_is_free(&store, 2).await);
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retention_shorter_than_the_lease_frees_the_room_at_its_end() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(1)).await.unwrap();
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!room_is_free(&store, 2).await);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(room_is_free(&store, 2).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_claim_keeps_its_room_until_the_renewal_ends() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        tokio::time::advance(Duration::from_secs(20)).await;
+        store.renew(&request(1).id(), lease.owner(), Duration::from_secs(30)).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!room_is_free(&store, 2).await);
+        assert!(matches!(store.claim(request(1)).await, Ok(Claim::InFlight { .. })));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(room_is_free(&store, 2).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completed_record_claimed_again_to_rerun_expires_with_its_new_lease() {
+        let store = MemoryStore::with_limits(1, usize::MAX);
+        let Ok(Claim::Acquired(lease)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), lease.owner(), record(10), Duration::from_secs(3600)).await.unwrap();
+        let rerun = request(1).with_replace_completed(true);
+        assert!(matches!(store.claim(rerun).await, Ok(Claim::Acquired(_))));
+        assert_eq!(store.bytes(), IN_FLIGHT_SIZE);
+        // The rerun is abandoned: its lease, not the old retention, ends it.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(room_is_free(&store, 2).await);
+    }
+}

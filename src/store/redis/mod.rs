@@ -1,0 +1,500 @@
+//! Redis and Redis Cluster stores, on [`deadpool_redis`].
+//!
+//! Each record is one Redis string under a name derived from its
+//! [`RecordId`]: `{prefix}{tag}:{32 hex digits}` (128 bits of the id's
+//! SHA-256: collisions are out of reach in practice, and each record's name
+//! is 32 bytes shorter than with all 256). The value is either an
+//! in-flight claim (`F`, the 16-byte owner, the 32-byte fingerprint, a
+//! one-byte count of waiters, the fencing token in decimal) or the completed
+//! [`Record`]'s compact encoding,
+//! body as raw bytes. Claim, complete, release and renew are each one Lua
+//! script, sent with `EVALSHA` (and `EVAL` when a server's script cache was
+//! flushed), that checks the owner before it changes anything. Leases and
+//! retention are Redis TTLs: a dead process's claim frees itself with no
+//! sweeper.
+//!
+//! Fencing tokens come from one `INCR` counter per hash slot,
+//! `{prefix}{tag}:fence`, so they grow with every claim of a record across
+//! releases and expired leases while costing nothing per record. The `{tag}`
+//! hashtag puts a record, its counter and its waiter list in one slot, so
+//! every script works unchanged on Redis Cluster. (A Redis that loses its
+//! data restarts the counters: keep persistence on if you rely on fencing
+//! tokens across a data loss.)
+//!
+//! Round trips: a first execution costs two (claim, complete) when it ends
+//! within a third of its lease, a replay one, an in-flight duplicate one.
+//! Every call but the blocking wait goes over one multiplexed connection
+//! that the store's clones share; redis-rs writes the calls it finds queued
+//! together in one system call, and reads their replies together.
+//! With [`RedisStore::with_replicas`], claims and completions also wait for
+//! replicas (`WAIT`): in the same round trip on a single Redis, in one more
+//! on a cluster.
+//!
+//! `Wait` duplicates block on a short per-record list (`BLPOP`, at most
+//! 200 ms a call, under the client's 500 ms response timeout) that a
+//! completion or release fills only when waiters registered (counted in the
+//! in-flight value, so a completion without waiters reads nothing more);
+//! several waiters of one record in one process share one such call. A wake
+//! left unused expires within a second; if the record is claimed again
+//! before that, a waiter may wake early, and simply claims and waits again.
+
+mod keys;
+mod pool;
+mod script;
+mod waiters;
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
+
+use self::{
+    keys::{Key, KeyKind},
+    pool::{RedisResult, Replicated, SharedConnection},
+    script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
+    waiters::Waiters,
+};
+use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
+use crate::{FencingToken, Fingerprint, Record, RecordId};
+
+pub use self::pool::RedisPool;
+pub use deadpool_redis;
+
+const IN_FLIGHT: u8 = b'F';
+
+/// A store on Redis: one Redis through [`deadpool_redis::Pool`], or a Redis
+/// Cluster through [`deadpool_redis::cluster::Pool`] ([`RedisClusterStore`]).
+///
+/// Several application instances sharing one Redis replay each other's
+/// records; records survive application restarts. See the [module
+/// documentation](self) for the key layout and round trips.
+///
+/// # Example
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, store::redis::{RedisStore, deadpool_redis}};
+///
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+///     .unwrap();
+/// let store = RedisStore::new(pool).with_prefix("shop:idem:");
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer);
+/// ```
+pub struct RedisStore<P: RedisPool = deadpool_redis::Pool> {
+    pool: P,
+    inner: Arc<Inner>,
+    connection: SharedConnection<P>,
+}
+
+/// A [`RedisStore`] on a Redis Cluster.
+pub type RedisClusterStore = RedisStore<deadpool_redis::cluster::Pool>;
+
+struct Inner {
+    prefix: String,
+    replicas: Option<(u32, Duration)>,
+    /// Makes owner tokens unique to this store instance (see
+    /// [`RedisStore::next_owner`]).
+    nonce: u64,
+    /// Claims made so far, for owner tokens.
+    claims: AtomicU64,
+    waiters: Waiters,
+}
+
+impl<P: RedisPool> Clone for RedisStore<P> {
+    fn clone(&self) -> Self {
+        Self { pool: self.pool.clone(), inner: self.inner.clone(), connection: self.connection.clone() }
+    }
+}
+
+impl<P: RedisPool> fmt::Debug for RedisStore<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("replicas", &self.inner.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: RedisPool> RedisStore<P> {
+    /// A store on `pool`, with key prefix `idem:`.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    ///     .unwrap();
+    /// let store = RedisStore::new(pool);
+    /// # drop(store);
+    /// ```
+    pub fn new(pool: P) -> Self {
+        Self {
+            pool,
+            inner: Arc::new(Inner {
+                prefix: "idem:".to_owned(),
+                replicas: None,
+                nonce: fresh_nonce(),
+                claims: AtomicU64::new(0),
+                waiters: Waiters::default(),
+            }),
+            connection: SharedConnection::default(),
+        }
+    }
+
+    fn update(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => f(inner),
+            None => {
+                let mut inner = Inner {
+                    prefix: self.inner.prefix.clone(),
+                    replicas: self.inner.replicas,
+                    // A nonce of its own: sharing one with the store it was
+                    // copied from, with a count of its own, would hand out
+                    // the same owner tokens twice.
+                    nonce: fresh_nonce(),
+                    claims: AtomicU64::new(0),
+                    waiters: Waiters::default(),
+                };
+                f(&mut inner);
+                self.inner = Arc::new(inner);
+            }
+        }
+        self
+    }
+
+    /// The prefix of every Redis key the store writes (default `idem:`).
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool).with_prefix("payments:idem:");
+    /// # drop(store);
+    /// ```
+    pub fn with_prefix(self, prefix: &str) -> Self {
+        let prefix = prefix.to_owned();
+        self.update(|inner| inner.prefix = prefix)
+    }
+
+    /// After each claim and each completion, wait up to `timeout` for
+    /// `replicas` replicas to acknowledge it (`WAIT`). When fewer do, the
+    /// call fails, and the layer takes its store-failure path: a claim is
+    /// given up again first, so nothing runs on a claim a failover could
+    /// lose.
+    ///
+    /// What it changes on failover (a primary lost, a replica promoted):
+    /// without it, a record the primary acknowledged but had not yet
+    /// replicated is lost with the primary, and the client's retry runs the
+    /// request a second time. With it, every claim and every replayed
+    /// response the client saw is on `replicas` replicas first; a lagging
+    /// replica makes requests fail (503 when failing closed) instead of
+    /// risking a second execution. (`WAIT` is not consensus: a promoted
+    /// replica that was not among those that acknowledged can still lack a
+    /// record. Promote the most up-to-date replica, as Sentinel and Cluster
+    /// do.)
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool).with_replicas(1, Duration::from_millis(100));
+    /// # drop(store);
+    /// ```
+    pub fn with_replicas(self, replicas: u32, timeout: Duration) -> Self {
+        self.update(|inner| inner.replicas = (replicas > 0).then_some((replicas, timeout)))
+    }
+
+    /// The pool the store runs on.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::redis::{RedisStore, deadpool_redis};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool);
+    /// assert_eq!(store.pool().status().size, 0);
+    /// ```
+    pub fn pool(&self) -> &P {
+        &self.pool
+    }
+
+    /// The Redis key that holds the record `id`.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{RecordId, store::redis::{RedisStore, deadpool_redis}};
+    /// # let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379").create_pool(Some(deadpool_redis::Runtime::Tokio1)).unwrap();
+    /// let store = RedisStore::new(pool);
+    /// let key = store.record_key(&RecordId::from_bytes([0xab; 32]));
+    /// assert!(key.starts_with("idem:{") && key.ends_with(&format!(":{}", "ab".repeat(16))));
+    /// ```
+    pub fn record_key(&self, id: &RecordId) -> String {
+        self.key(id, KeyKind::Record).to_string()
+    }
+
+    fn key(&self, id: &RecordId, kind: KeyKind) -> Key<'_> {
+        Key::new(&self.inner.prefix, id, kind)
+    }
+
+    /// A new owner token: this store's random nonce, then a count of its
+    /// claims, so no two claims anywhere share one.
+    fn next_owner(&self) -> OwnerToken {
+        let claim = self.inner.claims.fetch_add(1, Ordering::Relaxed);
+        OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(claim))
+    }
+
+    /// Runs `script`: by its SHA-1, and in full when the server does not
+    /// know it (first use, `SCRIPT FLUSH`, a restarted or new node). Returns
+    /// its reply, and whether enough replicas took what it wrote (see
+    /// [`command`](Self::command)).
+    async fn script(
+        &self,
+        script: &Script,
+        keys: &[Key<'_>],
+        args: &[&[u8]],
+        replicate: bool,
+    ) -> Result<(Value, Replicated), StoreError> {
+        let (reply, replicated) = match self.command(script.invoke(true, keys, args), &keys[0], replicate).await? {
+            (Err(error), _) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.command(script.invoke(false, keys, args), &keys[0], replicate).await?
+            }
+            sent => sent,
+        };
+        Ok((reply.map_err(StoreError::unavailable)?, replicated))
+    }
+
+    /// Sends `cmd` about `key` on the shared connection. With `replicate`,
+    /// and replicas set by [`with_replicas`](Self::with_replicas), `WAIT`s
+    /// for them after it: in the same round trip on a single Redis. Returns
+    /// the command's own reply or error, and whether enough replicas
+    /// acknowledged.
+    async fn command(&self, cmd: Cmd, key: &Key<'_>, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
+        let replicas = self.inner.replicas.filter(|_| replicate);
+        // Boxed: see BENCHMARKS.md, "Future sizes".
+        Box::pin(self.connection.send(&self.pool, cmd, key, replicas)).await
+    }
+
+    /// Runs an owner-checked script; 1 means done, 0 not the owner.
+    async fn owned(
+        &self,
+        script: &Script,
+        keys: &[Key<'_>],
+        args: &[&[u8]],
+        replicate: bool,
+    ) -> Result<(), StoreError> {
+        match self.script(script, keys, args, replicate).await? {
+            (Value::Int(1), replicated) => replicated,
+            (Value::Int(0), _) => Err(StoreError::NotOwner),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// A random 64-bit number, for [`Inner::nonce`].
+fn fresh_nonce() -> u64 {
+    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
+}
+
+fn unexpected(value: &Value) -> StoreError {
+    StoreError::unavailable(format!("unexpected reply from Redis: {value:?}"))
+}
+
+fn owner_bytes(owner: OwnerToken) -> [u8; 16] {
+    owner.as_u128().to_be_bytes()
+}
+
+fn millis(duration: Duration) -> Vec<u8> {
+    duration.as_millis().clamp(1, u128::from(u64::MAX)).to_string().into_bytes()
+}
+
+/// Parses an in-flight value: `F`, owner (16), fingerprint (32), waiter
+/// count (1 byte, below 48), token in decimal. Values written before the
+/// waiter count existed have none: their next byte is a digit.
+fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreError> {
+    let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
+    if value.len() < 50 || value[0] != IN_FLIGHT {
+        return Err(corrupt());
+    }
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(&value[17..49]);
+    let token = if value[49] < b'0' { &value[50..] } else { &value[49..] };
+    let token = std::str::from_utf8(token).ok().and_then(|t| t.parse().ok()).ok_or_else(corrupt)?;
+    Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(token)))
+}
+
+impl<P: RedisPool> Store for RedisStore<P> {
+    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+        let id = request.id();
+        let owner = self.next_owner();
+        let replace = if request.replace_completed() { &b"1"[..] } else { &b"0"[..] };
+        let lease = millis(request.lease());
+        // The fingerprint, then the in-flight value's waiter count: zero.
+        let mut fingerprint = [0; 33];
+        fingerprint[..32].copy_from_slice(request.fingerprint().as_bytes());
+        let args: [&[u8]; 4] = [&owner_bytes(owner), &fingerprint, &lease, replace];
+        let record = self.key(&id, KeyKind::Record);
+        let (value, replicated) = self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, true).await?;
+        match value {
+            Value::Int(token) => {
+                let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
+                let lease = Lease::new(owner, FencingToken::new(token));
+                if let Err(error) = replicated {
+                    // Not durable enough to run on: give the claim back.
+                    // Boxed: see BENCHMARKS.md, "Future sizes".
+                    let _ = Box::pin(self.release(&id, lease.owner())).await;
+                    return Err(error);
+                }
+                Ok(Claim::Acquired(lease))
+            }
+            Value::BulkString(value) if value.first() == Some(&IN_FLIGHT) => {
+                Ok(Claim::InFlight { fingerprint: parse_in_flight(&value)?.0 })
+            }
+            Value::BulkString(record) => Ok(Claim::Completed(Record::decode(Bytes::from(record))?)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: Record,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let encoded = record.encode();
+        let owner = owner_bytes(owner);
+        let retention = millis(retention);
+        let args: [&[u8]; 3] = [&owner, &encoded, &retention];
+        let record = self.key(id, KeyKind::Record);
+        let keys = [record, record.sibling(KeyKind::Queue)];
+        self.owned(&COMPLETE, &keys, &args, true).await
+    }
+
+    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        let record = self.key(id, KeyKind::Record);
+        let keys = [record, record.sibling(KeyKind::Queue)];
+        self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], false).await
+    }
+
+    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        let key = self.key(id, KeyKind::Record);
+        self.owned(&RENEW, &[key], &[&owner_bytes(owner), &millis(lease)], false).await
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        let key = self.key(id, KeyKind::Record);
+        let mut get = Cmd::with_capacity(2, 3 + key.len());
+        get.arg("GET").arg(key);
+        let value = match self.command(get, &key, false).await?.0 {
+            Ok(Value::Nil) => return Ok(None),
+            Ok(Value::BulkString(value)) => value,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(error) => return Err(StoreError::unavailable(error)),
+        };
+        if value.first() == Some(&IN_FLIGHT) {
+            let (fingerprint, fencing_token) = parse_in_flight(&value)?;
+            return Ok(Some(RecordState::InFlight { fingerprint, fencing_token }));
+        }
+        Ok(Some(RecordState::Completed(Record::decode(Bytes::from(value))?)))
+    }
+
+    async fn wait(&self, id: &RecordId, timeout: Duration) {
+        self.inner.waiters.wait(self, id, timeout).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_and_a_changed_copy_never_share_owner_tokens() {
+        let pool =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let store = RedisStore::new(pool.unwrap());
+        let _held = store.clone(); // so the copy below cannot reuse `inner`
+        let copy = store.clone().with_replicas(1, Duration::from_millis(10));
+        let owners: std::collections::HashSet<_> =
+            (0..4).flat_map(|_| [store.next_owner(), copy.next_owner()]).collect();
+        assert_eq!(owners.len(), 8);
+    }
+
+    /// The sizes of the futures of a store's calls, and of what each call
+    /// boxes to send its command.
+    fn future_sizes<P: RedisPool>(store: &RedisStore<P>) -> [usize; 7] {
+        let (id, owner, second) = (RecordId::from_bytes([1; 32]), store.next_owner(), Duration::from_secs(1));
+        let fingerprint = Fingerprint::from_bytes([2; 32]);
+        let record = Record::not_stored(fingerprint, crate::record::NotStored::TooLarge);
+        [
+            std::mem::size_of_val(&store.claim(ClaimRequest::new(id, fingerprint, second))),
+            std::mem::size_of_val(&store.complete(&id, owner, record, second)),
+            std::mem::size_of_val(&store.release(&id, owner)),
+            std::mem::size_of_val(&store.renew(&id, owner, second)),
+            std::mem::size_of_val(&store.lookup(&id)),
+            std::mem::size_of_val(&store.wait(&id, second)),
+            std::mem::size_of_val(&store.connection.send(
+                &store.pool,
+                redis::cmd("GET"),
+                &store.key(&id, KeyKind::Record),
+                None,
+            )),
+        ]
+    }
+
+    /// A check of future sizes (BENCHMARKS.md, "Future sizes"), outside the
+    /// default test run: `.ci/run` runs it with `--ignored`.
+    #[tokio::test]
+    #[ignore = "a size check: .ci/run runs it with --ignored"]
+    async fn future_sizes_of_store_calls_stay_small() {
+        let single =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let sizes = future_sizes(&RedisStore::new(single.unwrap()));
+        println!("single Redis: store call futures {sizes:?} B");
+        assert!(sizes.iter().all(|&size| size <= 2048), "single Redis: future sizes {sizes:?}");
+        let urls = vec!["redis://127.0.0.1:1".to_owned()];
+        let cluster =
+            deadpool_redis::cluster::Config::from_urls(urls).create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let sizes = future_sizes(&RedisStore::new(cluster.unwrap()));
+        println!("cluster: store call futures {sizes:?} B");
+        assert!(sizes.iter().all(|&size| size <= 2048), "cluster: future sizes {sizes:?}");
+    }
+
+    #[test]
+    fn in_flight_values_read_with_and_without_a_waiter_count() {
+        let head = [&b"F"[..], &[7; 16], &[9; 32]].concat();
+        let counted = [&head[..], &[3], b"42"].concat();
+        let uncounted = [&head[..], b"42"].concat();
+        for value in [counted, uncounted] {
+            let (fingerprint, token) = parse_in_flight(&value).unwrap();
+            assert_eq!((fingerprint, token), (Fingerprint::from_bytes([9; 32]), FencingToken::new(42)));
+        }
+        assert!(parse_in_flight(&[&head[..], &[3]].concat()).is_err(), "no token");
+        assert!(parse_in_flight(&[&head[..], b"4x"].concat()).is_err(), "not a number");
+    }
+
+    #[tokio::test]
+    async fn key_names_keep_their_layout() {
+        // Records written by earlier versions must still be found.
+        let pool =
+            deadpool_redis::Config::from_url("redis://127.0.0.1:1").create_pool(Some(deadpool_redis::Runtime::Tokio1));
+        let store = RedisStore::new(pool.unwrap());
+        let id = RecordId::from_bytes([0x5a; 32]);
+        let (tag, hex) = (keys::tag(&id), &id.to_hex()[..32]);
+        let key = |kind| store.key(&id, kind).to_string();
+        assert_eq!(key(KeyKind::Record), format!("idem:{{{tag}}}:{hex}"));
+        assert_eq!(key(KeyKind::Fence), format!("idem:{{{tag}}}:fence"));
+        assert_eq!(key(KeyKind::Queue), format!("idem:{{{tag}}}:{hex}:q"));
+        assert_eq!(store.key(&id, KeyKind::Queue).len(), key(KeyKind::Queue).len());
+        let mut cmd = Cmd::new();
+        cmd.arg(store.key(&id, KeyKind::Queue));
+        assert_eq!(cmd.args_iter().count(), 1, "a key is one argument");
+    }
+}

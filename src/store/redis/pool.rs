@@ -1,0 +1,231 @@
+//! The pools the Redis store runs on, and the one multiplexed connection
+//! that its calls share.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use redis::{Cmd, RedisError, Value, aio::ConnectionLike};
+
+use super::keys::{Key, slot_of};
+use crate::store::StoreError;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for deadpool_redis::Pool {}
+    impl Sealed for deadpool_redis::cluster::Pool {}
+}
+
+/// A deadpool-redis pool the Redis store can run on: a single Redis
+/// ([`deadpool_redis::Pool`]) or a Redis Cluster
+/// ([`deadpool_redis::cluster::Pool`]).
+///
+/// # Example
+/// ```
+/// use tower_idempotency::store::redis::{RedisPool, deadpool_redis};
+///
+/// fn takes_any_pool<P: RedisPool>(_: P) {}
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+///     .unwrap();
+/// takes_any_pool(pool);
+/// ```
+pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
+    /// A pooled connection, for calls that block.
+    #[doc(hidden)]
+    type Connection: ConnectionLike + Send;
+    /// A multiplexed connection taken out of the pool and shared by clones.
+    #[doc(hidden)]
+    type Shared: ConnectionLike + Clone + Send + Sync + 'static;
+
+    #[doc(hidden)]
+    fn connection(&self) -> impl Future<Output = Result<Self::Connection, StoreError>> + Send;
+
+    #[doc(hidden)]
+    fn shared(&self) -> impl Future<Output = Result<Self::Shared, StoreError>> + Send;
+
+    /// Sends `cmd` and, with `wait` (a `WAIT` and the key whose primary it
+    /// must reach), waits for replicas to take the writes made so far.
+    /// Returns the command's reply and, if it waited, how many replicas
+    /// acknowledged.
+    #[doc(hidden)]
+    fn query(
+        connection: &mut Self::Shared,
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> impl Future<Output = (RedisResult, Option<Result<i64, RedisError>>)> + Send;
+}
+
+impl RedisPool for deadpool_redis::Pool {
+    type Connection = deadpool_redis::Connection;
+    type Shared = redis::aio::MultiplexedConnection;
+
+    async fn connection(&self) -> Result<Self::Connection, StoreError> {
+        self.get().await.map_err(StoreError::unavailable)
+    }
+
+    async fn shared(&self) -> Result<Self::Shared, StoreError> {
+        Ok(deadpool_redis::Connection::take(self.connection().await?))
+    }
+
+    async fn query(
+        connection: &mut Self::Shared,
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> (RedisResult, Option<Result<i64, RedisError>>) {
+        let Some((wait, _)) = wait else { return (cmd.query_async(connection).await, None) };
+        // In one round trip: the connection writes a pipeline whole, and
+        // `WAIT` counts every write this connection made before it.
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(cmd).add_command(wait).ignore_errors();
+        match pipeline.query_async::<Vec<Value>>(connection).await {
+            Ok(replies) => {
+                let mut replies = replies.into_iter();
+                let reply = replies.next().unwrap_or(Value::Nil).extract_error();
+                (reply, Some(replies.next().unwrap_or(Value::Nil).extract_error().and_then(acknowledged)))
+            }
+            Err(error) => (Err(error), None),
+        }
+    }
+}
+
+impl RedisPool for deadpool_redis::cluster::Pool {
+    type Connection = deadpool_redis::cluster::Connection;
+    type Shared = redis::cluster_async::ClusterConnection;
+
+    async fn connection(&self) -> Result<Self::Connection, StoreError> {
+        self.get().await.map_err(StoreError::unavailable)
+    }
+
+    async fn shared(&self) -> Result<Self::Shared, StoreError> {
+        Ok(deadpool_redis::cluster::Connection::take(self.connection().await?))
+    }
+
+    async fn query(
+        connection: &mut Self::Shared,
+        cmd: Cmd,
+        wait: Option<(Cmd, &str)>,
+    ) -> (RedisResult, Option<Result<i64, RedisError>>) {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let reply = cmd.query_async(connection).await;
+        let Some((wait, key)) = wait.filter(|_| reply.is_ok()) else { return (reply, None) };
+        // In a round trip of its own, to the primary that holds `key`.
+        let route = Route::new(slot_of(key.as_bytes()), SlotAddr::Master);
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        (reply, Some(connection.route_command(wait, routing).await.and_then(acknowledged)))
+    }
+}
+
+/// The number of replicas a `WAIT` reply says acknowledged.
+fn acknowledged(value: Value) -> Result<i64, RedisError> {
+    redis::from_redis_value(value).map_err(RedisError::from)
+}
+
+fn wait_cmd(replicas: u32, timeout: Duration) -> Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(replicas).arg(timeout.as_millis().max(1) as u64);
+    cmd
+}
+
+/// The multiplexed connection every non-blocking call shares: taking it out
+/// of the pool spares each call deadpool's health-check `PING`.
+pub(super) struct SharedConnection<P: RedisPool> {
+    cached: Arc<Mutex<Option<P::Shared>>>,
+    /// Held while one call connects, so a burst of calls after a start or a
+    /// failure makes one connection, not one each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<P: RedisPool> Clone for SharedConnection<P> {
+    fn clone(&self) -> Self {
+        Self { cached: self.cached.clone(), connecting: self.connecting.clone() }
+    }
+}
+
+impl<P: RedisPool> Default for SharedConnection<P> {
+    fn default() -> Self {
+        Self { cached: Arc::default(), connecting: Arc::default() }
+    }
+}
+
+impl<P: RedisPool> SharedConnection<P> {
+    /// The connection, from `pool` the first time and after a failure.
+    async fn get(&self, pool: &P) -> Result<P::Shared, StoreError> {
+        match self.cached() {
+            Some(connection) => Ok(connection),
+            // Boxed: see BENCHMARKS.md, "Future sizes".
+            None => Box::pin(self.connect(pool)).await,
+        }
+    }
+
+    fn cached(&self) -> Option<P::Shared> {
+        self.cached.lock().unwrap_or_else(|poison| poison.into_inner()).clone()
+    }
+
+    /// Takes the connection from the pool, one call at a time (see
+    /// `connecting`).
+    async fn connect(&self, pool: &P) -> Result<P::Shared, StoreError> {
+        let _connecting = self.connecting.lock().await;
+        if let Some(connection) = self.cached() {
+            return Ok(connection);
+        }
+        let connection = pool.shared().await?;
+        *self.cached.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Turns a Redis error into a store error, dropping the connection when
+    /// the error says it is broken, so the next call connects again (after
+    /// a Redis restart, say).
+    fn failed(&self, error: RedisError) -> StoreError {
+        if broken(&error) {
+            *self.cached.lock().unwrap_or_else(|poison| poison.into_inner()) = None;
+        }
+        StoreError::unavailable(error)
+    }
+
+    /// Sends `cmd` about `key`; with `replicas`, `WAIT`s for them after it
+    /// (in the same round trip on a single Redis). Returns the command's own
+    /// reply or error, and whether enough replicas acknowledged.
+    pub(super) async fn send(
+        &self,
+        pool: &P,
+        cmd: Cmd,
+        key: &Key<'_>,
+        replicas: Option<(u32, Duration)>,
+    ) -> Result<(RedisResult, Replicated), StoreError> {
+        let mut connection = self.get(pool).await?;
+        let name = replicas.map(|_| key.to_string());
+        let wait = replicas.zip(name.as_deref()).map(|((replicas, timeout), name)| (wait_cmd(replicas, timeout), name));
+        let (reply, waited) = P::query(&mut connection, cmd, wait).await;
+        let reply = match reply {
+            Err(error) if broken(&error) => return Err(self.failed(error)),
+            reply => reply,
+        };
+        let replicated = match (replicas, waited) {
+            (Some((replicas, timeout)), Some(Ok(acknowledged))) => enough_replicas(acknowledged, replicas, timeout),
+            (Some(_), Some(Err(error))) => Err(self.failed(error)),
+            _ => Ok(()),
+        };
+        Ok((reply, replicated))
+    }
+}
+
+pub(super) type RedisResult = Result<Value, RedisError>;
+/// Whether enough replicas acknowledged a write.
+pub(super) type Replicated = Result<(), StoreError>;
+
+/// Whether `error` says the connection is broken.
+fn broken(error: &RedisError) -> bool {
+    error.is_io_error() || error.is_connection_dropped() || error.is_timeout() || error.is_unrecoverable_error()
+}
+
+fn enough_replicas(acknowledged: i64, replicas: u32, timeout: Duration) -> Result<(), StoreError> {
+    if acknowledged < i64::from(replicas) {
+        return Err(StoreError::unavailable(format!(
+            "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
+        )));
+    }
+    Ok(())
+}

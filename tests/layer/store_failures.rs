@@ -1,0 +1,82 @@
+//! The store failing.
+
+use super::*;
+
+/// A store that fails every call, or never answers.
+#[derive(Clone)]
+struct BrokenStore {
+    hang: bool,
+}
+
+impl BrokenStore {
+    async fn fail<T>(&self) -> Result<T, StoreError> {
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        Err(StoreError::unavailable("connection refused"))
+    }
+}
+
+impl Store for BrokenStore {
+    async fn claim(&self, _: ClaimRequest) -> Result<Claim, StoreError> {
+        self.fail().await
+    }
+    async fn complete(
+        &self,
+        _: &RecordId,
+        _: OwnerToken,
+        _: tower_idempotency::Record,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn release(&self, _: &RecordId, _: OwnerToken) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn renew(&self, _: &RecordId, _: OwnerToken, _: Duration) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn lookup(&self, _: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        self.fail().await
+    }
+}
+
+#[tokio::test]
+async fn store_down_fails_closed_with_503_by_default() {
+    let layer = IdempotencyLayer::new(BrokenStore { hang: false });
+    let (app, calls) = counting(&layer);
+    let answer = send(&app, post(KEY, "a")).await;
+    assert_eq!((answer.status.as_u16(), answer.problem().as_str()), (503, "store-unavailable"));
+    assert!(answer.headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(calls.get(), 0);
+    assert_eq!(layer.metrics().get(Outcome::StoreError), 1);
+}
+
+#[tokio::test]
+async fn slow_store_times_out_into_the_failure_path() {
+    let layer =
+        IdempotencyLayer::new(BrokenStore { hang: true }).with_store_timeout(Duration::from_millis(50)).unwrap();
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 503);
+    assert_eq!(calls.get(), 0);
+}
+
+#[tokio::test]
+async fn store_down_fails_open_when_configured() {
+    let layer = IdempotencyLayer::new(BrokenStore { hang: false }).with_failure_mode(FailureMode::FailOpen);
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
+    assert_eq!(calls.get(), 2, "unguarded: every request runs");
+    assert_eq!(layer.metrics().get(Outcome::FailedOpen), 2);
+}
+
+#[tokio::test]
+async fn full_memory_store_refuses_new_keys_with_503() {
+    let layer = IdempotencyLayer::new(MemoryStore::with_limits(1, usize::MAX));
+    let (app, calls) = counting(&layer);
+    send(&app, post(Some("a"), "")).await;
+    assert!(send(&app, post(Some("a"), "")).await.replayed(), "existing keys keep working");
+    assert_eq!(send(&app, post(Some("b"), "")).await.status, 503);
+    assert_eq!(calls.get(), 1);
+}
