@@ -15,6 +15,7 @@
 //!   --processor-latency-ms N      simulated card processor time (0)
 //!   --in-flight conflict|accepted|wait:MS   duplicates while one runs (conflict)
 //!   --lease-ms N                  the claim's lease (30000)
+//!   --memory-capacity N           records the in-memory store holds (100000)
 //!
 //! Neither `--redis` nor `--redis-cluster`: the in-memory store.
 //! `source=tok_chargeDeclined` is declined (402, stored and replayed).
@@ -28,7 +29,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use tower_idempotency::{
     IdempotencyLayer, InFlightPolicy, Store,
-    store::redis::{RedisStore, deadpool_redis},
+    store::{
+        MemoryStore,
+        redis::{RedisStore, deadpool_redis},
+    },
 };
 
 struct Flags {
@@ -39,10 +43,12 @@ struct Flags {
     processor_latency: Duration,
     in_flight: InFlightPolicy,
     lease: Option<Duration>,
+    memory_capacity: usize,
 }
 
 const USAGE: &str = "usage: payment_api [--addr HOST:PORT] [--ledger PATH] [--redis URL | --redis-cluster URL,URL,...] \
-                     [--processor-latency-ms N] [--in-flight conflict|accepted|wait:MS] [--lease-ms N]";
+                     [--processor-latency-ms N] [--in-flight conflict|accepted|wait:MS] [--lease-ms N] \
+                     [--memory-capacity N]";
 
 fn parse_flags() -> Result<Flags, String> {
     let mut flags = Flags {
@@ -53,6 +59,7 @@ fn parse_flags() -> Result<Flags, String> {
         processor_latency: Duration::ZERO,
         in_flight: InFlightPolicy::Conflict,
         lease: None,
+        memory_capacity: 100_000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -65,6 +72,9 @@ fn parse_flags() -> Result<Flags, String> {
             "--redis-cluster" => flags.redis_cluster = Some(value()?.split(',').map(str::to_owned).collect()),
             "--processor-latency-ms" => flags.processor_latency = millis(value()?)?,
             "--lease-ms" => flags.lease = Some(millis(value()?)?),
+            "--memory-capacity" => {
+                flags.memory_capacity = value()?.parse().map_err(|e| format!("--memory-capacity: {e}"))?;
+            }
             "--in-flight" => {
                 flags.in_flight = match value()?.as_str() {
                     "conflict" => InFlightPolicy::Conflict,
@@ -107,7 +117,8 @@ async fn run(flags: Flags) -> Result<(), Box<dyn std::error::Error>> {
         let pool = deadpool_redis::Config::from_url(url.as_str()).create_pool(runtime)?;
         serve(&flags, IdempotencyLayer::new(RedisStore::new(pool)), payments, "Redis").await
     } else {
-        serve(&flags, IdempotencyLayer::memory(), payments, "in-memory store").await
+        let store = MemoryStore::with_limits(flags.memory_capacity, 64 << 20);
+        serve(&flags, IdempotencyLayer::new(store), payments, "in-memory store").await
     }
 }
 

@@ -142,6 +142,8 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn new(store: St) -> Self {
+        let metrics = Metrics::default();
+        store.report_to(&metrics);
         Self {
             config: Arc::new(Config {
                 store,
@@ -164,7 +166,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
                 failure: FailureMode::default(),
                 responder: Arc::new(DefaultResponder),
                 namespace: Arc::from(""),
-                metrics: Metrics::default(),
+                metrics,
             }),
         }
     }

@@ -37,6 +37,10 @@ pub enum Outcome {
     /// A complete, release or renew found another owner: its lease had run
     /// out.
     StaleOwner,
+    /// A completed record was dropped before its retention ran out, to make
+    /// room in a full memory store (counted per record): a retry of its key
+    /// runs again.
+    Evicted,
 }
 
 impl Outcome {
@@ -45,9 +49,9 @@ impl Outcome {
     /// # Example
     /// ```
     /// # use tower_idempotency::Outcome;
-    /// assert_eq!(Outcome::ALL.len(), 8);
+    /// assert!(Outcome::ALL.contains(&Outcome::Replayed));
     /// ```
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: &'static [Outcome] = &[
         Self::Executed,
         Self::Replayed,
         Self::InFlight,
@@ -56,6 +60,7 @@ impl Outcome {
         Self::StoreError,
         Self::FailedOpen,
         Self::StaleOwner,
+        Self::Evicted,
     ];
 
     /// A stable snake-case name, for metric labels.
@@ -75,6 +80,7 @@ impl Outcome {
             Self::StoreError => "store_error",
             Self::FailedOpen => "failed_open",
             Self::StaleOwner => "stale_owner",
+            Self::Evicted => "evicted",
         }
     }
 
@@ -82,6 +88,9 @@ impl Outcome {
         self as usize
     }
 }
+
+const COUNTERS: usize = 9;
+const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 
 /// Counters per [`Outcome`], shared by a layer and every service it made.
 ///
@@ -91,13 +100,13 @@ impl Outcome {
 ///
 /// let layer = IdempotencyLayer::memory();
 /// let metrics = layer.metrics();
-/// for outcome in Outcome::ALL {
+/// for &outcome in Outcome::ALL {
 ///     println!("idempotency_requests_total{{outcome=\"{}\"}} {}", outcome.as_str(), metrics.get(outcome));
 /// }
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    counters: Arc<[AtomicU64; 8]>,
+    counters: Arc<[AtomicU64; COUNTERS]>,
 }
 
 impl Metrics {
@@ -120,6 +129,11 @@ impl Metrics {
     pub(crate) fn count(&self, outcome: Outcome, id: &RecordId) {
         self.add(outcome);
         tracing::debug!(outcome = outcome.as_str(), key = %id, "idempotency outcome");
+    }
+
+    /// Counts records a store dropped to make room.
+    pub(crate) fn count_evictions(&self, dropped: u64) {
+        self.counters[Outcome::Evicted.index()].fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Counts and logs a rejection, as the outcome its kind stands for.

@@ -17,7 +17,7 @@
 
 use std::{fmt, future::Future, time::Duration};
 
-use crate::{Fingerprint, Record, RecordId};
+use crate::{Fingerprint, Metrics, Record, RecordId};
 
 pub mod memory;
 #[cfg(feature = "redis")]
@@ -395,6 +395,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads the record's state without changing it.
     fn lookup(&self, id: &RecordId) -> impl Future<Output = Result<Option<RecordState>, StoreError>> + Send;
+
+    /// Called once by [`crate::IdempotencyLayer::new`] with the layer's
+    /// counters, for what only the store sees: [`MemoryStore`] counts the
+    /// records it drops to make room ([`crate::Outcome::Evicted`]). The
+    /// default ignores them.
+    fn report_to(&self, metrics: &Metrics) {
+        let _ = metrics;
+    }
 
     /// Returns when the record may have left the in-flight state, or after
     /// `timeout`. The caller then claims again to learn what happened.

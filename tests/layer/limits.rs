@@ -134,3 +134,19 @@ async fn a_panic_in_user_code_before_the_claim_leaves_nothing_claimed() {
     assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false), "nothing was left claimed");
     assert_eq!(executions.get(), 1);
 }
+
+#[tokio::test]
+async fn a_store_full_by_bytes_drops_old_records_rather_than_leave_a_new_one_unstored() {
+    // Room for about three records of 1 KB.
+    let layer = IdempotencyLayer::new(MemoryStore::with_limits(1_000, 4_000));
+    let (app, calls) = counted(&layer, |n, _| async move { respond(201, vec![b'0' + (n % 10) as u8; 1_000]) });
+    for n in 0..10 {
+        let key = format!("order-{n}");
+        let first = send(&app, post(Some(key.as_str()), "")).await;
+        let again = send(&app, post(Some(key.as_str()), "")).await;
+        assert!(again.replayed(), "key {n}: {} instead of a replay", again.status);
+        assert_eq!(again.body, first.body, "key {n}: one answer");
+    }
+    assert_eq!(calls.get(), 10);
+    assert!(layer.store().bytes() <= 4_000);
+}

@@ -72,11 +72,38 @@ async fn store_down_fails_open_when_configured() {
 }
 
 #[tokio::test]
-async fn full_memory_store_refuses_new_keys_with_503() {
-    let layer = IdempotencyLayer::new(MemoryStore::with_limits(1, usize::MAX));
+async fn a_full_memory_store_drops_its_oldest_completed_records_to_take_new_keys() {
+    let layer = IdempotencyLayer::new(MemoryStore::with_limits(50, usize::MAX));
     let (app, calls) = counting(&layer);
-    send(&app, post(Some("a"), "")).await;
-    assert!(send(&app, post(Some("a"), "")).await.replayed(), "existing keys keep working");
-    assert_eq!(send(&app, post(Some("b"), "")).await.status, 503);
-    assert_eq!(calls.get(), 1);
+    for n in 0..120 {
+        let key = format!("order-{n}");
+        let answer = send(&app, post(Some(key.as_str()), "")).await;
+        assert_eq!(answer.status, 201, "key {n} of 120 on a store of 50");
+    }
+    assert_eq!(calls.get(), 120);
+    for n in 110..120 {
+        let key = format!("order-{n}");
+        assert!(send(&app, post(Some(key.as_str()), "")).await.replayed(), "key {n}, among the newest, replays");
+    }
+    assert_eq!(calls.get(), 120);
+    assert!(
+        layer.metrics().get(Outcome::Evicted) >= 70,
+        "drops are counted: {}",
+        layer.metrics().get(Outcome::Evicted)
+    );
+    assert!(layer.store().len() <= 50);
+}
+
+#[tokio::test]
+async fn a_memory_store_full_of_in_flight_records_refuses_new_keys_with_503() {
+    let layer = IdempotencyLayer::new(MemoryStore::with_limits(1, usize::MAX));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn(send_owned(app.clone(), hold("a")));
+    gate.entered(1).await;
+    let refused = send(&app, post(Some("b"), "")).await;
+    assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (503, "store-unavailable"));
+    gate.open(1);
+    assert_eq!(first.await.unwrap().status, 201);
+    assert_eq!(calls.get(), 1, "the refused key ran nothing");
+    assert!(send(&app, hold("a")).await.replayed(), "the in-flight record was never dropped");
 }

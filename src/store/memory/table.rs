@@ -7,7 +7,7 @@ use std::{
     hash::BuildHasher,
     pin::Pin,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use crate::{
-    FencingToken, Fingerprint, Record, RecordId,
+    FencingToken, Fingerprint, Metrics, Record, RecordId,
     store::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, StoreError},
 };
 
@@ -54,6 +54,12 @@ pub(super) struct Inner {
     max_bytes: usize,
     fencing: AtomicU64,
     owner_seed: u64,
+    /// Held by the one call that makes room, so a burst of claims on a full
+    /// store makes room once.
+    making_room: Mutex<()>,
+    /// Where dropped records are counted: the layer's counters, once a
+    /// layer is made on the store.
+    metrics: OnceLock<Metrics>,
 }
 
 struct Shard {
@@ -171,7 +177,65 @@ impl Inner {
             max_bytes,
             fencing: AtomicU64::new(0),
             owner_seed,
+            making_room: Mutex::new(()),
+            metrics: OnceLock::new(),
         }
+    }
+
+    pub(super) fn report_to(&self, metrics: &Metrics) {
+        let _ = self.metrics.set(metrics.clone());
+    }
+
+    /// Makes room for `bytes` more bytes, and one more entry if
+    /// `new_entry`: drops expired
+    /// records, then completed ones, closest to expiry first, never an
+    /// in-flight one. Drops a batch (a thirty-second of the limits) beyond
+    /// what is needed, so that a full store pays for the pass once per
+    /// batch of claims, not on each. Returns whether the room is there.
+    pub(super) fn make_room(&self, new_entry: bool, bytes: usize) -> bool {
+        let _one_at_a_time = self.making_room.lock().unwrap_or_else(|poison| poison.into_inner());
+        self.purge_all();
+        let entries = usize::from(new_entry);
+        let fits =
+            |inner: &Self| inner.len() + entries <= inner.max_entries && inner.bytes() + bytes <= inner.max_bytes;
+        if fits(self) {
+            return true;
+        }
+        let mut completed: Vec<(Micros, usize)> = Vec::new();
+        for shard in &*self.shards {
+            let shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
+            let sizes = shard.entries.iter().filter(|entry| matches!(entry.state, State::Completed(_)));
+            completed.extend(sizes.map(|entry| (entry.expires_at, entry.size())));
+        }
+        completed.sort_unstable();
+        let entries_to_free = (self.len() + entries).saturating_sub(self.max_entries) + self.max_entries / 32;
+        let bytes_to_free = (self.bytes() + bytes).saturating_sub(self.max_bytes) + self.max_bytes / 32;
+        let (mut freed_entries, mut freed_bytes, mut cutoff) = (0, 0, None);
+        for (expires_at, size) in completed {
+            if freed_entries >= entries_to_free && freed_bytes >= bytes_to_free {
+                break;
+            }
+            (freed_entries, freed_bytes, cutoff) = (freed_entries + 1, freed_bytes + size, Some(expires_at));
+        }
+        let Some(cutoff) = cutoff else { return false };
+        let mut dropped = 0u64;
+        for shard in &*self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
+            let droppable =
+                |entry: &mut Entry| entry.expires_at <= cutoff && matches!(entry.state, State::Completed(_));
+            for entry in shard.entries.extract_if(droppable) {
+                self.forget(entry);
+                dropped += 1;
+            }
+        }
+        if let Some(metrics) = self.metrics.get() {
+            metrics.count_evictions(dropped);
+        }
+        tracing::warn!(
+            dropped,
+            "the memory store is full: dropped the completed records closest to expiry; a retry of one of their keys runs again"
+        );
+        fits(self)
     }
 
     fn now(&self) -> Micros {
@@ -345,14 +409,15 @@ impl Inner {
         }
     }
 
-    /// Completes the claim of `owner` with `record`, kept for `retention`.
+    /// Completes the claim of `owner` with `record`, kept for `retention`;
+    /// hands the record back when it does not fit.
     pub(super) fn complete(
         &self,
         id: &RecordId,
         owner: OwnerToken,
         record: Record,
         retention: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Result<(), Record>, StoreError> {
         self.with_owned(id, owner, |inner, shard, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
             let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else {
@@ -360,7 +425,7 @@ impl Inner {
             };
             let old = entry.size();
             if size > old && !inner.reserve_bytes(size - old) {
-                return Err(StoreError::Full);
+                return Ok(Err(record));
             }
             if size <= old {
                 inner.resize(old, size);
@@ -369,7 +434,7 @@ impl Inner {
             let sooner = expires_at < entry.expires_at;
             entry.expires_at = expires_at;
             let State::InFlight(in_flight) = std::mem::replace(&mut entry.state, State::Completed(record)) else {
-                return Ok(());
+                return Ok(Ok(()));
             };
             if let Some(waiters) = in_flight.waiters {
                 waiters.notify_waiters();
@@ -378,7 +443,7 @@ impl Inner {
             if sooner {
                 shard.expiries.push(Reverse((expires_at, hash)));
             }
-            Ok(())
+            Ok(Ok(()))
         })
     }
 
