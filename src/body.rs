@@ -158,7 +158,7 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Buffered { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
-        Streamed { chunks: VecDeque<Bytes>, frames: mpsc::Receiver<Message>, done: bool },
+        Streamed { chunks: VecDeque<Bytes>, frames: mpsc::UnboundedReceiver<Message>, done: bool },
     }
 }
 
@@ -182,7 +182,7 @@ impl<B> ResponseBody<B> {
     }
 
     /// `chunks` first, then what arrives on `frames` until [`Message::End`].
-    pub(crate) fn streamed(chunks: VecDeque<Bytes>, frames: mpsc::Receiver<Message>) -> Self {
+    pub(crate) fn streamed(chunks: VecDeque<Bytes>, frames: mpsc::UnboundedReceiver<Message>) -> Self {
         Self { kind: ResponseKind::Streamed { chunks, frames, done: false } }
     }
 }
@@ -210,7 +210,8 @@ where
                 }
                 let message = ready!(frames.poll_recv(cx));
                 Poll::Ready(match message {
-                    Some(Message::Frame(frame)) => Some(Ok(frame)),
+                    // The permit goes back here: the client has the frame.
+                    Some(Message::Frame(frame, _permit)) => Some(Ok(frame)),
                     Some(Message::Error(error)) => {
                         *done = true;
                         Some(Err(error))

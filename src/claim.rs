@@ -74,6 +74,12 @@ pub(crate) struct HeldClaim<St: Store> {
     pub(crate) fingerprint: Fingerprint,
     /// Completed or released: nothing is left to give back on drop.
     settled: bool,
+    /// Whether the lease is still renewed: until the record is completed or
+    /// released, or the key is lost, however long a completion is retried.
+    renewing: bool,
+    /// The next renewal: kept here, so that it outlives each future run
+    /// [`HeldClaim::while_renewing`] (a streaming body's frames, its sends).
+    renewal: Option<Renewal>,
     renew_at: Instant,
     renew_until: Instant,
     /// Until when the claim surely holds: its lease from the claim or the
@@ -89,38 +95,44 @@ impl<St: Store> HeldClaim<St> {
         // where that would pass the ceiling.
         let renew_until = now + config.lease_ceiling.saturating_sub(config.lease);
         let held_until = now + config.lease;
-        Self { config, id, owner, fingerprint, settled: false, renew_at, renew_until, held_until }
+        Self {
+            config,
+            id,
+            owner,
+            fingerprint,
+            settled: false,
+            renewing: true,
+            renewal: None,
+            renew_at,
+            renew_until,
+            held_until,
+        }
     }
 
     /// Runs `future` while renewing the lease.
     pub(crate) fn while_renewing<F: Future>(&mut self, future: F) -> WhileRenewing<'_, St, F> {
-        WhileRenewing { claim: self, future, renewal: None }
+        WhileRenewing { claim: self, future }
     }
 
     /// Polls `future`, and while it is pending moves the lease's renewals
-    /// on: what [`WhileRenewing`] and the execution's task do on each poll.
-    pub(crate) fn poll_renewing<F: Future>(
-        &mut self,
-        future: Pin<&mut F>,
-        renewal: &mut Option<Renewal>,
-        cx: &mut Context<'_>,
-    ) -> Poll<F::Output> {
+    /// on: what [`WhileRenewing`] and the recording task do on each poll.
+    pub(crate) fn poll_renewing<F: Future>(&mut self, future: Pin<&mut F>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let polled = future.poll(cx);
         if polled.is_pending() {
-            self.renew_when_due(renewal, cx);
+            self.renew_when_due(cx);
         }
         polled
     }
 
     /// Moves the lease's renewals on: sleeps until the next one is due,
     /// sends it, and takes its answer. Returns when it has to wait, or when
-    /// no renewal is left (the ceiling reached, or the key lost).
-    fn renew_when_due(&mut self, renewal: &mut Option<Renewal>, cx: &mut Context<'_>) {
+    /// no renewal is left (the ceiling reached, the key lost, or settled).
+    fn renew_when_due(&mut self, cx: &mut Context<'_>) {
         loop {
-            match renewal {
-                None if self.renew_at > self.renew_until => return,
+            match &mut self.renewal {
+                None if !self.renewing || self.renew_at > self.renew_until => return,
                 // Boxed: see BENCHMARKS.md, "Future sizes".
-                None => *renewal = Some(Renewal::Sleeping(Box::pin(tokio::time::sleep_until(self.renew_at)))),
+                None => self.renewal = Some(Renewal::Sleeping(Box::pin(tokio::time::sleep_until(self.renew_at)))),
                 Some(Renewal::Sleeping(sleep)) => {
                     if sleep.as_mut().poll(cx).is_pending() {
                         return;
@@ -129,7 +141,7 @@ impl<St: Store> HeldClaim<St> {
                     let call = Box::pin(async move {
                         with_timeout(config.store_timeout, config.store.renew(&id, owner, config.lease)).await
                     });
-                    *renewal = Some(Renewal::Sent { sent: Instant::now(), call });
+                    self.renewal = Some(Renewal::Sent { sent: Instant::now(), call });
                 }
                 Some(Renewal::Sent { sent, call }) => {
                     let Poll::Ready(renewed) = call.as_mut().poll(cx) else { return };
@@ -145,7 +157,7 @@ impl<St: Store> HeldClaim<St> {
                         }
                     }
                     self.renew_at += period;
-                    *renewal = None;
+                    self.renewal = None;
                 }
             }
         }
@@ -158,16 +170,9 @@ impl<St: Store> HeldClaim<St> {
         self.complete_with(|| Record::not_stored(fingerprint, NotStored::BodyFailed)).await
     }
 
-    /// Gives the key back after the response body panicked, so a retry
-    /// runs.
-    pub(crate) async fn release_after_body_panic(&mut self) {
-        tracing::error!(key = %self.id, "the response body panicked: its idempotency key is released");
-        self.release().await;
-    }
-
     /// Gives the key back: a retry runs again.
     pub(crate) async fn release(&mut self) {
-        self.settled = true;
+        (self.settled, self.renewing, self.renewal) = (true, false, None);
         Box::pin(self.config.release(&self.id, self.owner)).await;
     }
 
@@ -177,8 +182,12 @@ impl<St: Store> HeldClaim<St> {
     /// then, so that the store keeps the only handle to it otherwise (a
     /// shared handle costs the store a reference count, 32 bytes a record).
     pub(crate) async fn complete_with(&mut self, record: impl Fn() -> Record) -> Option<Record> {
-        self.settled = true;
-        match self.complete(record()).await {
+        // A renewal still on its way could land after the completion.
+        (self.settled, self.renewal) = (true, None);
+        let completed = self.complete(record()).await;
+        // Renewed on only while a failed completion is retried.
+        self.renewing = completed.is_err() && !matches!(completed, Err(StoreError::NotOwner | StoreError::Full));
+        match completed {
             Ok(()) => None,
             Err(StoreError::Full) => {
                 let marker = Record::not_stored(self.fingerprint, NotStored::StoreFull);
@@ -199,10 +208,12 @@ impl<St: Store> HeldClaim<St> {
     }
 
     /// Retries a completion that failed (`unsaved`, from
-    /// [`HeldClaim::complete_with`]), backing off from 100 ms to 2 s, for as
-    /// long as the claim surely holds: a store that comes back (a restarted
-    /// Redis that kept its data) within the lease still gets the outcome,
-    /// and a retry of the request gets the replay instead of a second run.
+    /// [`HeldClaim::complete_with`]), backing off from 100 ms to 2 s, and
+    /// renews the lease meanwhile, up to its ceiling, for as long as the
+    /// claim surely holds: a store that refuses writes for a while (Redis at
+    /// `maxmemory`) or comes back (a restarted Redis that kept its data)
+    /// still gets the outcome, and a retry of the request gets the replay
+    /// instead of a second run.
     pub(crate) async fn retry_completion(&mut self, unsaved: Option<Record>) {
         if let Some(record) = unsaved {
             Box::pin(self.retry_completion_of(record)).await;
@@ -217,12 +228,17 @@ impl<St: Store> HeldClaim<St> {
                 tracing::error!(key = %self.id, "the store stayed down for the whole lease: the outcome is lost");
                 return;
             }
-            tokio::time::sleep_until(at).await;
+            self.while_renewing(tokio::time::sleep_until(at)).await;
+            self.renewal = None;
             match self.complete(record.clone()).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.renewing = false;
+                    return;
+                }
                 Err(error) => {
                     self.config.metrics.store_failed(&self.id, "complete", &error);
                     if matches!(error, StoreError::NotOwner) {
+                        self.renewing = false;
                         return;
                     }
                 }
@@ -252,9 +268,8 @@ impl<St: Store> Drop for HeldClaim<St> {
     }
 }
 
-/// The state of a lease's next renewal, kept by [`WhileRenewing`] and by
-/// the execution's task.
-pub(crate) enum Renewal {
+/// The state of a lease's next renewal.
+enum Renewal {
     /// Waiting until it is due.
     Sleeping(Pin<Box<tokio::time::Sleep>>),
     /// Sent at `sent`, its answer not in yet.
@@ -270,7 +285,6 @@ pin_project_lite::pin_project! {
         claim: &'a mut HeldClaim<St>,
         #[pin]
         future: F,
-        renewal: Option<Renewal>,
     }
 }
 
@@ -279,6 +293,6 @@ impl<St: Store, F: Future> Future for WhileRenewing<'_, St, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        this.claim.poll_renewing(this.future, this.renewal, cx)
+        this.claim.poll_renewing(this.future, cx)
     }
 }

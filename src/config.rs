@@ -35,7 +35,23 @@ pub enum ConfigError {
     /// The lease ceiling is shorter than the lease.
     #[error("the lease ceiling must be at least the lease")]
     CeilingBelowLease,
+    /// A duration is longer than [`MAX_DURATION`] (ten years): past what
+    /// clocks and stores (Redis's `PX`) can add to now.
+    #[error("{0} must be at most ten years")]
+    TooLong(&'static str),
 }
+
+/// The longest lease, ceiling, retention or timeout a layer accepts: ten
+/// years.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::{ConfigError, IdempotencyLayer, MAX_DURATION};
+///
+/// let error = IdempotencyLayer::memory().with_retention(MAX_DURATION * 2).unwrap_err();
+/// assert_eq!(error, ConfigError::TooLong("retention"));
+/// ```
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Everything a layer and its services share.
 #[derive(Clone)]

@@ -10,7 +10,7 @@ use tower_layer::Layer;
 use crate::store::redis::{RedisClusterStore, RedisStore, deadpool_redis};
 use crate::{
     CompletedStrategy, FailureMode, IdempotencyKey, InFlightPolicy, Metrics, RecordId, Responder, Scope,
-    config::{Config, ConfigError, RequireFn},
+    config::{Config, ConfigError, MAX_DURATION, RequireFn},
     policy::default_store_rule,
     response::DefaultResponder,
     service::Idempotency,
@@ -307,9 +307,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_lease(self, lease: Duration) -> Result<Self, ConfigError> {
-        if lease.is_zero() {
-            return Err(ConfigError::Zero("lease"));
-        }
+        let lease = check_duration("lease", lease)?;
         let ceiling = self.config.lease_ceiling.max(lease);
         Ok(self.update(|c| {
             c.lease = lease;
@@ -328,6 +326,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_lease_ceiling(self, ceiling: Duration) -> Result<Self, ConfigError> {
+        let ceiling = check_duration("lease ceiling", ceiling)?;
         if ceiling < self.config.lease {
             return Err(ConfigError::CeilingBelowLease);
         }
@@ -343,9 +342,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_retention(self, retention: Duration) -> Result<Self, ConfigError> {
-        if retention.is_zero() {
-            return Err(ConfigError::Zero("retention"));
-        }
+        let retention = check_duration("retention", retention)?;
         Ok(self.update(|c| c.retention = retention))
     }
 
@@ -371,9 +368,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_body_timeout(self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::Zero("body timeout"));
-        }
+        let timeout = check_duration("body timeout", timeout)?;
         Ok(self.update(|c| c.body_timeout = timeout))
     }
 
@@ -399,9 +394,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # drop(layer);
     /// ```
     pub fn with_store_timeout(self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::Zero("store timeout"));
-        }
+        let timeout = check_duration("store timeout", timeout)?;
         Ok(self.update(|c| c.store_timeout = timeout))
     }
 
@@ -495,6 +488,15 @@ impl<St: Store> IdempotencyLayer<St> {
         let id = RecordId::new(&self.config.namespace, scope, key);
         let config = &self.config;
         with_timeout(config.store_timeout, config.store.lookup(&id)).await
+    }
+}
+
+/// `duration`, if it is above zero and at most [`MAX_DURATION`].
+fn check_duration(what: &'static str, duration: Duration) -> Result<Duration, ConfigError> {
+    match duration {
+        Duration::ZERO => Err(ConfigError::Zero(what)),
+        duration if duration > MAX_DURATION => Err(ConfigError::TooLong(what)),
+        duration => Ok(duration),
     }
 }
 

@@ -115,7 +115,7 @@ pub mod store;
 mod timeout;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
-pub use config::ConfigError;
+pub use config::{ConfigError, MAX_DURATION};
 pub use context::IdempotencyContext;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;

@@ -519,9 +519,10 @@ impl Reader {
     }
 
     fn headers(&mut self) -> Result<HeaderMap, DecodeError> {
+        let too_many = |_| DecodeError::Malformed("more headers than a header map holds");
         let count = self.len()?;
         // Room for one more: a replay adds its marker.
-        let mut headers = HeaderMap::with_capacity(count + 1);
+        let mut headers = HeaderMap::try_with_capacity(count + 1).map_err(too_many)?;
         for _ in 0..count {
             let len = self.len()?;
             let name = HeaderName::from_bytes(&self.0[..len]).map_err(|_| DecodeError::Malformed("header name"))?;
@@ -529,7 +530,7 @@ impl Reader {
             let len = self.len()?;
             let value = self.take(len)?;
             let value = HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError::Malformed("header value"))?;
-            headers.append(name, value);
+            headers.try_append(name, value).map_err(too_many)?;
         }
         Ok(headers)
     }
@@ -538,6 +539,33 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A response record with `count` headers named by `name`, each empty.
+    fn with_headers(count: u64, name: impl Fn(u64) -> String) -> Bytes {
+        let mut out = vec![VERSION, KIND_RESPONSE];
+        out.extend_from_slice(&[0; 32]);
+        out.extend_from_slice(&200u16.to_be_bytes());
+        put_varint(&mut out, count);
+        for n in 0..count {
+            let name = name(n);
+            put_varint(&mut out, name.len() as u64);
+            out.extend_from_slice(name.as_bytes());
+            put_varint(&mut out, 0);
+        }
+        out.extend_from_slice(&[0, 0]);
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn more_headers_than_a_header_map_holds_decode_to_an_error() {
+        // Past http's limits: its capacity (about 24,575 and up) and its
+        // distinct names (32,768).
+        for (count, distinct) in [(30_000, false), (40_000, true)] {
+            let bytes = with_headers(count, |n| if distinct { format!("h{n}") } else { "h".to_owned() });
+            let decoded = Record::decode(bytes);
+            assert!(matches!(decoded, Err(DecodeError::Malformed(_))), "{count} headers: {decoded:?}");
+        }
+    }
 
     fn sample() -> Record {
         let mut headers = HeaderMap::new();

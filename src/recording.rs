@@ -8,6 +8,7 @@ use std::{
     future::{Future, poll_fn},
     panic::AssertUnwindSafe,
     pin::{Pin, pin},
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -16,18 +17,19 @@ use futures_util::FutureExt as _;
 use http::{HeaderMap, HeaderName, Response, StatusCode, header};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
     BoxError, Fingerprint, NotStored, Record, ResponseBody, StoreResponse,
-    claim::{HeldClaim, Renewal},
+    claim::HeldClaim,
     future::BoxFuture,
     policy::{effective_status, is_grpc, is_stored},
     record::HeaderSection,
     store::Store,
 };
 
-/// Frames buffered between the recording task and a slow client.
+/// Frames a slow client may leave unread once the claim is settled; before
+/// that the recording task never waits for the client.
 const STREAM_BUFFER: usize = 4;
 /// How much of a body that is ready at once is gathered before the head is
 /// sent; past this the body streams, however fast it comes.
@@ -35,7 +37,9 @@ const EAGER_LIMIT: usize = 64 * 1024;
 
 /// What the recording task sends to the client-facing body.
 pub(crate) enum Message {
-    Frame(Frame<Bytes>),
+    /// A frame, and what it holds of the client's pace: its permit goes back
+    /// when the client has taken the frame.
+    Frame(Frame<Bytes>, Option<OwnedSemaphorePermit>),
     Error(BoxError),
     End,
 }
@@ -81,7 +85,7 @@ where
 {
     let then = move |called, claim| record_response(called, claim, answer);
     match called {
-        Ok(future) => RecordingTask::Calling { future, renewal: None, next: Some((claim, then)) },
+        Ok(future) => RecordingTask::Calling { future, next: Some((claim, then)) },
         Err(panic) => RecordingTask::Recording { rest: then(Err(panic), claim) },
     }
 }
@@ -97,7 +101,6 @@ pin_project_lite::pin_project! {
         Calling {
             #[pin]
             future: F,
-            renewal: Option<Renewal>,
             // The claim and `then`, taken once when `future` is over.
             next: Option<(HeldClaim<St>, T)>,
         },
@@ -120,12 +123,11 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.as_mut().project() {
-                RecordingTaskProj::Calling { future, renewal, next } => {
+                RecordingTaskProj::Calling { future, next } => {
                     // Only reached once, after which `next` is taken.
                     let Some((claim, _)) = next.as_mut() else { return Poll::Ready(()) };
                     // The renewals too: a panic in either is caught.
-                    let polled =
-                        std::panic::catch_unwind(AssertUnwindSafe(|| claim.poll_renewing(future, renewal, cx)));
+                    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| claim.poll_renewing(future, cx)));
                     let output = match polled {
                         Ok(Poll::Pending) => return Poll::Pending,
                         Ok(Poll::Ready(output)) => Ok(output),
@@ -193,12 +195,8 @@ where
                 AssertUnwindSafe(poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).map_err(Into::into))))
                     .catch_unwind()
                     .await;
-            let Ok(polled) = polled else {
-                // The body panicked before anything was sent: release, then
-                // drop `answer` (a 500).
-                claim.release_after_body_panic().await;
-                return;
-            };
+            // A panic is a body error: the handler ran, so it never runs again.
+            let polled = polled.unwrap_or_else(|_| Poll::Ready(Some(Err(body_panicked()))));
             match polled {
                 Poll::Pending => break,
                 Poll::Ready(Some(Ok(frame))) => {
@@ -223,8 +221,8 @@ where
                 Poll::Ready(Some(Err(error))) => {
                     // Boxed: see BENCHMARKS.md, "Future sizes".
                     let unsaved = Box::pin(claim.complete_failed_body()).await;
-                    let (client, frames) = mpsc::channel(1);
-                    let _ = client.try_send(Message::Error(error));
+                    let (client, frames) = mpsc::unbounded_channel();
+                    let _ = client.send(Message::Error(error));
                     let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::streamed(early, frames))));
                     claim.retry_completion(unsaved).await;
                     return;
@@ -246,10 +244,19 @@ where
     }
 }
 
+fn body_panicked() -> BoxError {
+    tracing::error!("the response body panicked: its key is recorded as run, with no response to replay");
+    "the response body panicked".into()
+}
+
 /// Records a body that streams: sends the head and what came so far, then
 /// each frame as it comes. The end reaches the client only once the record
 /// is settled, so a client that has the whole response and sends the same
-/// key again gets the replay, never a 409.
+/// key again gets the replay, never a 409. Until the claim is settled the
+/// task never waits for the client (what it has not read is also in the
+/// record's copy), so a client that stops reading cannot hold the key in
+/// flight; past the storage cap the claim is settled at once, as not
+/// stored, and from there the client sets the pace.
 async fn stream<St, ResB, E>(
     claim: &mut HeldClaim<St>,
     mut body: Pin<&mut ResB>,
@@ -262,58 +269,93 @@ async fn stream<St, ResB, E>(
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let (frames, client_frames) = mpsc::channel(STREAM_BUFFER);
+    let (frames, client_frames) = mpsc::unbounded_channel();
     recorder.adopt(&early);
     let head = Response::from_parts(parts, ResponseBody::streamed(early, client_frames));
-    let mut client = answer.send(Ok(head)).is_ok().then_some(frames);
+    let mut client = Client { frames: answer.send(Ok(head)).is_ok().then_some(frames), pace: None };
+    // A completion that failed, retried once the client has the end.
+    let mut unsaved = None;
+    // The frame that brought the body to its declared length, held back
+    // until the body ends: trailers may still follow.
+    let mut last_bytes = None;
     loop {
-        let Ok(frame) = AssertUnwindSafe(claim.while_renewing(body.frame())).catch_unwind().await else {
-            // The body panicked midway: release the key before the client
-            // sees its response break, so its retry runs.
-            claim.release_after_body_panic().await;
-            send_to_client(claim, &mut client, Message::Error("the response body panicked".into())).await;
-            return;
+        // Renewals stop by themselves once the claim is settled.
+        let frame = match AssertUnwindSafe(claim.while_renewing(body.frame())).catch_unwind().await {
+            Ok(frame) => frame.map(|frame| frame.map_err(Into::<BoxError>::into)),
+            Err(_panic) => Some(Err(body_panicked())),
         };
-        let frame = frame.map(|frame| frame.map_err(Into::<BoxError>::into));
         match frame {
             Some(Ok(frame)) => {
                 recorder.push(&frame);
-                if frame.is_trailers() || body.is_end_stream() || recorder.reached_declared_length() {
-                    let unsaved = recorder.finish(claim, &recorder.chunks).await;
-                    send_to_client(claim, &mut client, Message::Frame(frame)).await;
-                    send_to_client(claim, &mut client, Message::End).await;
-                    claim.retry_completion(unsaved).await;
-                    return;
+                let ended = frame.is_trailers() || body.is_end_stream();
+                if !ended && last_bytes.is_none() && recorder.reached_declared_length() {
+                    last_bytes = Some(frame);
+                    continue;
                 }
-                send_to_client(claim, &mut client, Message::Frame(frame)).await;
+                if ended {
+                    if client.pace.is_none() {
+                        unsaved = recorder.finish(claim, &recorder.chunks).await;
+                    }
+                    client.send_all([last_bytes.take(), Some(frame)]).await;
+                    client.put(Message::End);
+                    break;
+                }
+                if recorder.too_large && client.pace.is_none() {
+                    let fingerprint = claim.fingerprint;
+                    unsaved = claim.complete_with(|| Record::not_stored(fingerprint, NotStored::TooLarge)).await;
+                    client.pace = Some(Arc::new(Semaphore::new(STREAM_BUFFER)));
+                }
+                client.send_all([last_bytes.take(), Some(frame)]).await;
             }
             None => {
-                let unsaved = recorder.finish(claim, &recorder.chunks).await;
-                send_to_client(claim, &mut client, Message::End).await;
-                claim.retry_completion(unsaved).await;
-                return;
+                if client.pace.is_none() {
+                    unsaved = recorder.finish(claim, &recorder.chunks).await;
+                }
+                client.send_all([last_bytes.take()]).await;
+                client.put(Message::End);
+                break;
             }
             Some(Err(error)) => {
-                let unsaved = claim.complete_failed_body().await;
-                send_to_client(claim, &mut client, Message::Error(error)).await;
-                claim.retry_completion(unsaved).await;
-                return;
+                if client.pace.is_none() {
+                    unsaved = claim.complete_failed_body().await;
+                }
+                client.put(Message::Error(error));
+                break;
             }
         }
     }
+    claim.retry_completion(unsaved).await;
 }
 
-/// Sends `message` to the client's body while renewing the lease; a client
-/// that went away is forgotten, and recording goes on without it.
-async fn send_to_client<St: Store>(
-    claim: &mut HeldClaim<St>,
-    client: &mut Option<mpsc::Sender<Message>>,
-    message: Message,
-) {
-    if let Some(sender) = client
-        && claim.while_renewing(sender.send(message)).await.is_err()
-    {
-        *client = None;
+/// The client's side of a streamed response, as the recording task sees it.
+struct Client {
+    /// `None` once the client went away: recording goes on without it.
+    frames: Option<mpsc::UnboundedSender<Message>>,
+    /// Set once the claim is settled: from then on, frames wait for the
+    /// client to take those before them.
+    pace: Option<Arc<Semaphore>>,
+}
+
+impl Client {
+    /// Sends each frame, at the client's pace once there is one.
+    async fn send_all<const N: usize>(&mut self, frames: [Option<Frame<Bytes>>; N]) {
+        for frame in frames.into_iter().flatten() {
+            let permit = match (&self.pace, &self.frames) {
+                (Some(pace), Some(_)) => pace.clone().acquire_owned().await.ok(),
+                _ => None,
+            };
+            self.put(Message::Frame(frame, permit));
+        }
+    }
+
+    /// Sends `message` without waiting; a client that went away is
+    /// forgotten.
+    fn put(&mut self, message: Message) {
+        if let Some(frames) = &self.frames
+            && frames.send(message).is_err()
+        {
+            self.frames = None;
+        }
     }
 }
 

@@ -295,7 +295,7 @@ impl Rejection {
     pub fn default_response(&self) -> Response<Bytes> {
         let mut response = if self.grpc { self.grpc_response() } else { self.problem_response() };
         if let Some(retry_after) = self.retry_after {
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let seconds = retry_after.as_secs().saturating_add(u64::from(retry_after.subsec_nanos() > 0));
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         if let Some(location) = &self.location {

@@ -20,11 +20,11 @@ use crate::{
     Record, RecordId, Rejection, RejectionKind, RequestBody, ResponseBody, ResponseFuture, Scope,
     body::read_body,
     claim::{HeldClaim, PendingClaim},
-    config::Config,
+    config::{Config, MAX_DURATION},
     policy::is_grpc,
     recording::{DetachOnDrop, recording_task},
     response::status_location,
-    store::{Claim, ClaimRequest, Lease, MemoryStore, Store},
+    store::{Claim, ClaimRequest, Lease, MemoryStore, Store, StoreError},
     timeout::{with_timeout, within},
 };
 
@@ -222,18 +222,23 @@ impl<St: Store> Guarded<St> {
             let id = RecordId::new(&config.namespace, &scope, &key);
             tracing::Span::current().record("key", tracing::field::display(&id));
             let wait_until = match config.in_flight {
-                InFlightPolicy::Wait(timeout) => Some(Instant::now() + timeout),
+                // Saturated: `Wait(Duration::MAX)` waits for as long as there is.
+                InFlightPolicy::Wait(timeout) => Some(Instant::now() + timeout.min(MAX_DURATION)),
                 _ => None,
             };
+            // Once the store has answered, it is never run unguarded.
+            let mut answered = false;
+            let mut replace_completed = config.completed == CompletedStrategy::Rerun;
             loop {
-                let claim = ClaimRequest::new(id, fingerprint, config.lease)
-                    .with_replace_completed(config.completed == CompletedStrategy::Rerun);
+                let claim = ClaimRequest::new(id, fingerprint, config.lease).with_replace_completed(replace_completed);
                 let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                     Ok(claimed) => claimed,
                     Err(error) => {
                         config.metrics.store_failed(&id, "claim", &error);
+                        // A record the store holds but cannot read is an answer too.
+                        let answered = answered || matches!(error, StoreError::Corrupt(_));
                         return match config.failure {
-                            FailureMode::FailOpen => {
+                            FailureMode::FailOpen if !answered => {
                                 config.metrics.count(Outcome::FailedOpen, &id);
                                 let request =
                                     Request::from_parts(parts, RequestBody::buffered(body, trailers.map(|t| *t)));
@@ -245,6 +250,7 @@ impl<St: Store> Guarded<St> {
                         };
                     }
                 };
+                answered = true;
                 match claimed {
                     Claim::Acquired(lease) => {
                         let request = Request::from_parts(parts, RequestBody::buffered(body, trailers.map(|t| *t)));
@@ -262,6 +268,8 @@ impl<St: Store> Guarded<St> {
                             return Ok(config.reject_with(rejection.with_location(location)));
                         }
                         InFlightPolicy::Wait(_) => {
+                            // A waiter replays the first answer, never takes it over.
+                            replace_completed = false;
                             let deadline = wait_until.unwrap_or_else(Instant::now);
                             let now = Instant::now();
                             if now >= deadline {

@@ -190,3 +190,41 @@ fn redis_names_of_ten_thousand_keys_are_distinct_and_never_hold_the_key() {
         assert!(names.insert(name), "two keys share a Redis name");
     }
 }
+
+/// The bytes of a response record (format version 1) with `count` headers,
+/// each with an empty value: named `h{n}` when `distinct`, else all `h`.
+fn record_with_headers(count: u64, distinct: bool) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push((value as u8 & 0x7f) | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    let mut out = vec![1, 0];
+    out.extend_from_slice(&[0; 32]);
+    out.extend_from_slice(&200u16.to_be_bytes());
+    varint(&mut out, count);
+    for n in 0..count {
+        let name = if distinct { format!("h{n}") } else { "h".to_owned() };
+        varint(&mut out, name.len() as u64);
+        out.extend_from_slice(name.as_bytes());
+        varint(&mut out, 0);
+    }
+    out.extend_from_slice(&[0, 0]);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// A hostile or corrupt store value may claim more headers than http's
+    /// maps hold (about 24,575 by capacity, 32,768 distinct names).
+    #[test]
+    fn decoding_a_record_with_any_number_of_headers_never_panics(count in 0u64..45_000, distinct in any::<bool>()) {
+        let decoded = Record::decode(Bytes::from(record_with_headers(count, distinct)));
+        if count < 20_000 {
+            prop_assert!(decoded.is_ok(), "{} headers: {:?}", count, decoded);
+        }
+    }
+}

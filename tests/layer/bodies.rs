@@ -79,3 +79,31 @@ async fn a_response_body_that_fails_midway_is_never_rerun() {
     assert_eq!(send(&app, post(KEY, "a")).await.status, 410);
     assert_eq!(calls.get(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_cannot_hold_the_key_in_flight() {
+    let layer = IdempotencyLayer::memory();
+    // Twenty frames, all ready once the first has waited: more than a slow
+    // client's buffer holds.
+    let (app, calls) = counted(&layer, move |_, _| async {
+        let frames = stream::iter(0..20u8).then(|i| async move {
+            if i == 0 {
+                tokio::task::yield_now().await;
+            }
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'a' + i; 100])))
+        });
+        Response::new(BodyExt::boxed(StreamBody::new(frames)))
+    });
+    // The client reads the head, then nothing more, and stays connected.
+    let unread = app.clone().oneshot(post(KEY, "a")).await.unwrap();
+    let id = RecordId::new("", &Scope::anonymous(), &"order-1".parse().unwrap());
+    layer.store().wait(&id, Duration::from_secs(60)).await;
+    let state = layer.lookup(&Scope::anonymous(), &"order-1".parse().unwrap()).await.unwrap();
+    assert!(matches!(state, Some(RecordState::Completed(_))), "recorded although the client reads nothing: {state:?}");
+    let replay = send(&app, post(KEY, "a")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body.len(), 2_000);
+    assert_eq!(calls.get(), 1);
+    let read = read(unread).await;
+    assert_eq!(read.body, replay.body, "the slow client still gets every byte");
+}

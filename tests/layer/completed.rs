@@ -30,3 +30,21 @@ async fn rerun_strategy_runs_a_finished_key_again_with_a_higher_fencing_token() 
     assert_eq!(tokens.len(), 3);
     assert!(tokens.windows(2).all(|pair| pair[0] < pair[1]), "{tokens:?}");
 }
+
+#[tokio::test]
+async fn rerun_with_wait_replays_the_first_answer_to_a_waiting_duplicate() {
+    let store = Slowed::default();
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_completed(CompletedStrategy::Rerun)
+        .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn(send_owned(app.clone(), hold("k")));
+    gate.entered(1).await;
+    let waiter = tokio::spawn(send_owned(app.clone(), hold("k")));
+    store.claims_reached(2).await;
+    gate.open(2);
+    let (first, waiter) = (first.await.unwrap(), waiter.await.unwrap());
+    assert!(waiter.replayed(), "a concurrent duplicate waits for the first answer: {}", waiter.status);
+    assert_eq!(waiter.body, first.body);
+    assert_eq!(calls.get(), 1);
+}

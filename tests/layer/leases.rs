@@ -42,3 +42,42 @@ async fn renewal_stops_at_the_lease_ceiling() {
     assert_eq!(first.await.unwrap().body, "call 1", "the late first answer still reaches its client");
     assert_eq!(calls.get(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_body_keeps_its_lease_renewed_across_frames() {
+    // Renewals take 50 ms, and the body sends a frame every 20 ms for 3 s:
+    // a renewal must survive the frames that come while it is on its way.
+    let store = Slowed { renew: Duration::from_millis(50), ..Slowed::default() };
+    let layer = IdempotencyLayer::new(store.clone()).with_lease(Duration::from_millis(300)).unwrap();
+    let halfway = std::sync::Arc::new(tokio::sync::Notify::new());
+    let reached = halfway.clone();
+    let (app, calls) = counted(&layer, move |_, _| {
+        let halfway = halfway.clone();
+        async move {
+            let frames = stream::iter(0..150u32).then(move |i| {
+                let halfway = halfway.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if i == 75 {
+                        halfway.notify_one();
+                    }
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(format!("{i},"))))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(frames)))
+        }
+    });
+    let first = tokio::spawn(send_owned(app.clone(), post(KEY, "a")));
+    // 1.5 s in: five leases, kept only by renewals.
+    reached.notified().await;
+    let duplicate = send(&app, post(KEY, "a")).await;
+    assert_eq!(duplicate.status, 409, "the streaming request still holds its key");
+    let first = first.await.unwrap();
+    assert!(first.body.ends_with(b"149,"));
+    let replay = send(&app, post(KEY, "a")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.body, first.body);
+    assert_eq!(calls.get(), 1);
+    // One renewal at a time, a third of a lease apart, not one per frame.
+    assert!(store.renewals.get() <= 3_000 / 100 + 2, "{} renewals in 3 s", store.renewals.get());
+}

@@ -15,8 +15,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tower_idempotency::{
-    CompletedStrategy, FailureMode, IdempotencyContext, IdempotencyLayer, InFlightPolicy, Outcome, RecordId,
-    RequestBody, Scope, StoreResponse,
+    CompletedStrategy, ConfigError, FailureMode, IdempotencyContext, IdempotencyLayer, InFlightPolicy, Outcome,
+    RecordId, RequestBody, Scope, StoreResponse,
     store::{Claim, ClaimRequest, MemoryStore, OwnerToken, RecordState, Store, StoreError},
 };
 
@@ -78,14 +78,36 @@ struct Slowed {
     inner: MemoryStore,
     first_claim: Duration,
     release: Duration,
+    /// How long each renewal takes.
+    renew: Duration,
+    /// From this claim on (counting from 1), claims never answer; 0: never.
+    claims_hang_from: usize,
     claims: Calls,
+    renewals: Calls,
     /// Signalled once the slow first claim has landed in the store.
     landed: std::sync::Arc<tokio::sync::Notify>,
 }
 
+impl Slowed {
+    /// Lets other tasks run until `n` claims have reached the store.
+    async fn claims_reached(&self, n: usize) {
+        for _ in 0..10_000 {
+            if self.claims.get() >= n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("only {} of {n} claims reached the store", self.claims.get());
+    }
+}
+
 impl Store for Slowed {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
-        if self.claims.bump() == 1 && !self.first_claim.is_zero() {
+        let claim = self.claims.bump();
+        if self.claims_hang_from != 0 && claim >= self.claims_hang_from {
+            std::future::pending::<()>().await;
+        }
+        if claim == 1 && !self.first_claim.is_zero() {
             let (inner, delay, landed) = (self.inner.clone(), self.first_claim, self.landed.clone());
             let sent = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -111,6 +133,8 @@ impl Store for Slowed {
         self.inner.release(id, owner).await
     }
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        self.renewals.bump();
+        tokio::time::sleep(self.renew).await;
         self.inner.renew(id, owner, lease).await
     }
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
@@ -123,6 +147,7 @@ impl Store for Slowed {
 
 mod bodies;
 mod completed;
+mod config;
 mod failures;
 mod grpc;
 mod guarded;

@@ -60,3 +60,22 @@ async fn hop_by_hop_headers_are_not_replayed() {
     }
     assert_eq!(replay.headers["x-kept"], "1");
 }
+
+#[tokio::test]
+async fn trailers_after_the_declared_length_are_kept_without_a_trailer_header() {
+    let layer = IdempotencyLayer::memory();
+    let (app, calls) = counted(&layer, |_, _| async {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let mut response = Response::new(streaming_body(&["hello ", "world"], Some(trailers)));
+        response.headers_mut().insert(header::CONTENT_LENGTH, "11".parse().unwrap());
+        response
+    });
+    let first = send(&app, post(KEY, "a")).await;
+    assert_eq!(first.body, "hello world");
+    assert_eq!(first.trailers.as_ref().map(|t| t["x-checksum"].clone()), Some("abc".parse().unwrap()));
+    let replay = send(&app, post(KEY, "a")).await;
+    assert!(replay.replayed());
+    assert_eq!((replay.body, replay.trailers), (first.body, first.trailers));
+    assert_eq!(calls.get(), 1);
+}

@@ -107,3 +107,60 @@ async fn a_memory_store_full_of_in_flight_records_refuses_new_keys_with_503() {
     assert_eq!(calls.get(), 1, "the refused key ran nothing");
     assert!(send(&app, hold("a")).await.replayed(), "the in-flight record was never dropped");
 }
+
+#[tokio::test(start_paused = true)]
+async fn fail_open_never_runs_a_request_the_store_already_called_in_flight() {
+    // The third claim (the waiting duplicate's second) never answers.
+    let store = Slowed { claims_hang_from: 3, ..Slowed::default() };
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_failure_mode(FailureMode::FailOpen)
+        .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn(send_owned(app.clone(), hold("k")));
+    gate.entered(1).await;
+    let duplicate = tokio::spawn(send_owned(app.clone(), hold("k")));
+    store.claims_reached(2).await;
+    gate.open(2);
+    assert_eq!(first.await.unwrap().status, 201);
+    let duplicate = duplicate.await.unwrap();
+    assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (503, "store-unavailable"));
+    assert_eq!(calls.get(), 1, "the store had said in flight: the duplicate must not run unguarded");
+}
+
+/// A store whose every claim finds a record it cannot read (one written by
+/// a newer version, say).
+#[derive(Clone)]
+struct UnreadableStore;
+
+impl Store for UnreadableStore {
+    async fn claim(&self, _: ClaimRequest) -> Result<Claim, StoreError> {
+        Err(StoreError::Corrupt(tower_idempotency::DecodeError::UnknownVersion(9)))
+    }
+    async fn complete(
+        &self,
+        _: &RecordId,
+        _: OwnerToken,
+        _: tower_idempotency::Record,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::NotOwner)
+    }
+    async fn release(&self, _: &RecordId, _: OwnerToken) -> Result<(), StoreError> {
+        Err(StoreError::NotOwner)
+    }
+    async fn renew(&self, _: &RecordId, _: OwnerToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::NotOwner)
+    }
+    async fn lookup(&self, _: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        Err(StoreError::Corrupt(tower_idempotency::DecodeError::UnknownVersion(9)))
+    }
+}
+
+#[tokio::test]
+async fn fail_open_never_runs_a_key_whose_record_the_store_holds_but_cannot_read() {
+    let layer = IdempotencyLayer::new(UnreadableStore).with_failure_mode(FailureMode::FailOpen);
+    let (app, calls) = counting(&layer);
+    let answer = send(&app, post(KEY, "a")).await;
+    assert_eq!((answer.status.as_u16(), answer.problem().as_str()), (503, "store-unavailable"));
+    assert_eq!(calls.get(), 0);
+}
