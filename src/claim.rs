@@ -221,15 +221,19 @@ impl<St: Store> HeldClaim<St> {
     }
 
     async fn retry_completion_of(&mut self, record: Record) {
-        let mut backoff = Duration::from_millis(100);
+        // Never longer than a renewal period, so no wait outlasts the claim.
+        let longest = Duration::from_secs(2).min(self.config.lease / 3);
+        let mut backoff = Duration::from_millis(100).min(longest);
         loop {
-            let at = Instant::now() + backoff;
-            if at >= self.held_until {
-                tracing::error!(key = %self.id, "the store stayed down for the whole lease: the outcome is lost");
+            if Instant::now() >= self.held_until {
+                tracing::error!(
+                    key = %self.id,
+                    "the completion failed until the claim ran out (its ceiling reached, or renewals failing too): \
+                     the outcome is lost"
+                );
                 return;
             }
-            self.while_renewing(tokio::time::sleep_until(at)).await;
-            self.renewal = None;
+            self.while_renewing(tokio::time::sleep(backoff)).await;
             match self.complete(record.clone()).await {
                 Ok(()) => {
                     self.renewing = false;
@@ -243,7 +247,7 @@ impl<St: Store> HeldClaim<St> {
                     }
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = (backoff * 2).min(longest);
         }
     }
 

@@ -52,3 +52,30 @@ async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
     assert!(logs.contains(&id.to_string()), "events name the hashed key");
     assert!(!logs.contains("secret-order-key-42"), "the key leaked into the logs:\n{logs}");
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_redis_that_may_evict_records_is_warned_about_on_connecting() {
+    use common::redis::RedisServer;
+
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let keeps = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let (app, _) = counting(&IdempotencyLayer::redis(keeps.pool()));
+    assert_eq!(send(&app, post(Some("k"), "")).await.status, 201);
+    let quiet = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(!quiet.contains("maxmemory-policy"), "noeviction is what the store wants:\n{quiet}");
+
+    let evicts = RedisServer::start_with(&["--maxmemory-policy", "volatile-lru"]);
+    let (app, _) = counting(&IdempotencyLayer::redis(evicts.pool()));
+    assert_eq!(send(&app, post(Some("k"), "")).await.status, 201);
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("WARN") && logs.contains("maxmemory-policy") && logs.contains("volatile-lru"), "{logs}");
+}

@@ -601,3 +601,89 @@ async fn keys_never_reach_redis_key_names() {
     assert!(names.contains("idem:"), "the records are there: {names}");
     assert!(!names.contains("secret"), "a key reached Redis in the clear: {names}");
 }
+
+/// Looks the key `k` up (anonymous scope) until `done` holds of its state,
+/// for at most `within`.
+async fn state_until<St: tower_idempotency::Store + Clone>(
+    layer: &IdempotencyLayer<St>,
+    key: &str,
+    within: Duration,
+    done: impl Fn(&Option<tower_idempotency::store::RecordState>) -> bool,
+) -> Option<tower_idempotency::store::RecordState> {
+    let (scope, key) = (tower_idempotency::Scope::anonymous(), key.parse().unwrap());
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let state = layer.lookup(&scope, &key).await.ok().flatten();
+        if done(&state) || tokio::time::Instant::now() >= deadline {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_claim_that_lands_after_the_store_timed_out_is_given_back() {
+    let server = RedisServer::start();
+    let proxy = StallingProxy::start(server.port).await;
+    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    // The layer's documented default: one second per store call.
+    let layer = IdempotencyLayer::redis(pool);
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(Some("warm"), "")).await.status, 201);
+
+    proxy.stalled.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let stalled = send(&app, post(Some("k"), "")).await;
+    assert_eq!(stalled.status, 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the layer's store timeout applies, not the client library's: 503 after {:?}",
+        started.elapsed()
+    );
+    // Redis comes back: the claim sent during the stall lands now, and is
+    // given back right after.
+    proxy.stalled.store(false, Ordering::SeqCst);
+    let state = state_until(&layer, "k", Duration::from_secs(3), |state| state.is_none()).await;
+    assert!(state.is_none(), "the late claim still holds the key: {state:?}");
+    let retry = send(&app, post(Some("k"), "")).await;
+    assert_eq!((retry.status.as_u16(), retry.replayed()), (201, false));
+    assert_eq!(calls.get(), 2);
+}
+
+#[tokio::test]
+async fn a_completion_refused_for_memory_is_retried_and_the_key_never_runs_twice() {
+    let server = RedisServer::start();
+    let info = server.command(&["INFO", "memory"]);
+    let used: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap();
+    server.command(&["CONFIG", "SET", "maxmemory", &(used + 512 * 1024).to_string()]);
+    server.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let lease = Duration::from_millis(500);
+    let layer = IdempotencyLayer::redis(server.pool()).with_lease(lease).unwrap();
+    let filler = server.port;
+    let (app, calls) = counted(&layer, move |_, _| async move {
+        // Another writer takes Redis past `maxmemory` while this one runs.
+        command_on(filler, &["SETRANGE", "filler", "1048576", "x"]).unwrap();
+        respond(201, vec![b'x'; 64 * 1024])
+    });
+    let first = send(&app, post(KEY, "a")).await;
+    assert_eq!(first.status, 201);
+    // Three leases while Redis refuses writes: the claim is kept alive.
+    tokio::time::sleep(lease * 3).await;
+    server.command(&["DEL", "filler"]);
+    let completed = |state: &Option<tower_idempotency::store::RecordState>| {
+        matches!(state, Some(tower_idempotency::store::RecordState::Completed(_)))
+    };
+    let state = state_until(&layer, "order-1", Duration::from_secs(5), completed).await;
+    assert!(completed(&state), "the completion was never retried: {state:?}");
+    let retry = send(&app, post(KEY, "a")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(calls.get(), 1);
+    assert!(layer.metrics().get(Outcome::StoreError) >= 1, "the refused completion is counted");
+}

@@ -173,23 +173,7 @@ impl RedisServer {
 
     /// Runs one command over a raw connection and returns the RESP reply.
     pub fn try_command(&self, args: &[&str]) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes()).ok()?;
-        let mut reply = Vec::new();
-        let mut buffer = [0; 65536];
-        loop {
-            let n = stream.read(&mut buffer).ok()?;
-            reply.extend_from_slice(&buffer[..n]);
-            if n == 0 || resp_complete(&reply) {
-                break;
-            }
-        }
-        Some(String::from_utf8_lossy(&reply).into_owned())
+        command_on(self.port, args)
     }
 
     /// The number of calls of `command` in `INFO commandstats`.
@@ -202,6 +186,29 @@ impl RedisServer {
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Runs one command on the server at `port` over a raw connection and
+/// returns the RESP reply (blocking: for test setup, or a handler's side
+/// write).
+pub fn command_on(port: u16, args: &[&str]) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = Vec::new();
+    let mut buffer = [0; 65536];
+    loop {
+        let n = stream.read(&mut buffer).ok()?;
+        reply.extend_from_slice(&buffer[..n]);
+        if n == 0 || resp_complete(&reply) {
+            break;
+        }
+    }
+    Some(String::from_utf8_lossy(&reply).into_owned())
 }
 
 /// Whether `reply` holds one whole RESP value (enough for what tests send).

@@ -341,7 +341,17 @@ impl<P: RedisPool> Store for RedisStore<P> {
         fingerprint[..32].copy_from_slice(request.fingerprint().as_bytes());
         let args: [&[u8]; 4] = [&owner_bytes(owner), &fingerprint, &lease, replace];
         let record = self.key(&id, KeyKind::Record);
-        let (value, replicated) = self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, true).await?;
+        let claimed = self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, true).await;
+        let (value, replicated) = match claimed {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                // The claim may have landed all the same, its reply lost:
+                // give it back (owner-checked, so harmless if it did not).
+                // Boxed: see BENCHMARKS.md, "Future sizes".
+                let _ = Box::pin(self.release(&id, owner)).await;
+                return Err(error);
+            }
+        };
         match value {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;

@@ -66,7 +66,11 @@ impl RedisPool for deadpool_redis::Pool {
     }
 
     async fn shared(&self) -> Result<Self::Shared, StoreError> {
-        Ok(deadpool_redis::Connection::take(self.connection().await?))
+        let mut connection = deadpool_redis::Connection::take(self.connection().await?);
+        // The layer's store timeout decides when a call has failed; a reply
+        // redis-rs gave up on sooner would still change the record unseen.
+        connection.set_response_timeout(RESPONSE_TIMEOUT);
+        Ok(connection)
     }
 
     async fn query(
@@ -128,6 +132,11 @@ fn wait_cmd(replicas: u32, timeout: Duration) -> Cmd {
     cmd
 }
 
+/// How long the shared connection waits for a reply: far past any sensible
+/// store timeout, so that the layer's applies (redis-rs's own default is
+/// 500 ms, shorter than the layer's 1 s).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The multiplexed connection every non-blocking call shares: taking it out
 /// of the pool spares each call deadpool's health-check `PING`.
 pub(super) struct SharedConnection<P: RedisPool> {
@@ -170,7 +179,8 @@ impl<P: RedisPool> SharedConnection<P> {
         if let Some(connection) = self.cached() {
             return Ok(connection);
         }
-        let connection = pool.shared().await?;
+        let mut connection = pool.shared().await?;
+        warn_unless_noeviction(&mut connection).await;
         *self.cached.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(connection.clone());
         Ok(connection)
     }
@@ -215,6 +225,40 @@ impl<P: RedisPool> SharedConnection<P> {
 pub(super) type RedisResult = Result<Value, RedisError>;
 /// Whether enough replicas acknowledged a write.
 pub(super) type Replicated = Result<(), StoreError>;
+
+/// Warns when Redis may evict keys under memory pressure: an evicted
+/// in-flight or completed record lets a retry run the request again. Read
+/// with `INFO`, which works where `CONFIG` is disabled (managed Redis).
+async fn warn_unless_noeviction(connection: &mut impl ConnectionLike) {
+    let Ok(info) = redis::cmd("INFO").arg("memory").query_async::<Value>(connection).await else { return };
+    let mut policies = Vec::new();
+    collect_policies(&info, &mut policies);
+    for policy in policies.into_iter().filter(|policy| policy != "noeviction") {
+        tracing::warn!(
+            policy,
+            "Redis runs with maxmemory-policy {policy}: under memory pressure it may evict idempotency records, \
+             and a retry of an evicted key runs again; set maxmemory-policy noeviction"
+        );
+    }
+}
+
+/// The `maxmemory_policy` values in an `INFO` reply: one string, or one per
+/// node from a cluster.
+fn collect_policies(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::BulkString(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            let policy = text.lines().find_map(|line| line.strip_prefix("maxmemory_policy:"));
+            out.extend(policy.map(|policy| policy.trim().to_owned()));
+        }
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => {
+            collect_policies(&Value::BulkString(text.clone().into_bytes()), out)
+        }
+        Value::Array(values) | Value::Set(values) => values.iter().for_each(|value| collect_policies(value, out)),
+        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_policies(value, out)),
+        _ => {}
+    }
+}
 
 /// Whether `error` says the connection is broken.
 fn broken(error: &RedisError) -> bool {
