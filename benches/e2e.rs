@@ -355,6 +355,10 @@ fn executions_correct(target: &Target) -> bool {
     }
 }
 
+fn anonymous(_: &http::request::Parts) -> Option<Scope> {
+    Some(Scope::anonymous())
+}
+
 /// Fills `store` with `count` completed records, as a long-running
 /// service's store holds them.
 async fn hold(store: &MemoryStore, count: u64) {
@@ -458,8 +462,13 @@ fn main() {
                     let connection = deadpool_redis::Connection::take(server.block_on(pool.get()).unwrap());
                     router_round_trips(executions.clone(), connection, two)
                 }
-                Served::Memory => router(executions.clone()).layer(IdempotencyLayer::new(memory.clone())),
-                Served::Redis => router(executions.clone()).layer(IdempotencyLayer::redis(pool().unwrap())),
+                // The load carries no credentials: one shared scope, opted into.
+                Served::Memory => {
+                    router(executions.clone()).layer(IdempotencyLayer::new(memory.clone()).with_scope(anonymous))
+                }
+                Served::Redis => {
+                    router(executions.clone()).layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous))
+                }
             };
             let addr = server.block_on(serve(router));
             let sent = Arc::new(AtomicU64::new(0));

@@ -226,11 +226,14 @@ impl Scope {
     }
 
     /// The default scope: the SHA-256 of the request's `Authorization`
-    /// header, or [`Scope::anonymous`] when it has none.
+    /// header; `None` when it has none, and the layer then refuses the
+    /// request (400 `missing-scope`), so that callers without credentials
+    /// never share each other's records.
     ///
     /// Callers that authenticate some other way (cookies, mTLS, a tenant an
-    /// auth layer puts in the extensions) must set their own scope with
-    /// `IdempotencyLayer::with_scope`, or all of them share one.
+    /// auth layer puts in the extensions) set their own scope with
+    /// `IdempotencyLayer::with_scope`; a public endpoint whose callers may
+    /// share records opts in with `with_scope(|_| Some(Scope::anonymous()))`.
     ///
     /// # Example
     /// ```
@@ -241,12 +244,14 @@ impl Scope {
     ///     .body(())
     ///     .unwrap()
     ///     .into_parts();
-    /// assert_eq!(Scope::from_authorization(&parts), Scope::hashed(b"Bearer sk_1"));
+    /// assert_eq!(Scope::from_authorization(&parts), Some(Scope::hashed(b"Bearer sk_1")));
+    /// let (anonymous, ()) = http::Request::post("/").body(()).unwrap().into_parts();
+    /// assert_eq!(Scope::from_authorization(&anonymous), None);
     /// ```
-    pub fn from_authorization(parts: &Parts) -> Self {
+    pub fn from_authorization(parts: &Parts) -> Option<Self> {
         let mut values = parts.headers.get_all(http::header::AUTHORIZATION).iter();
-        match (values.next(), values.next()) {
-            (None, _) => Self::anonymous(),
+        Some(match (values.next(), values.next()) {
+            (None, _) => return None,
             (Some(one), None) => Self::hashed(one.as_bytes()),
             (Some(first), Some(second)) => {
                 let mut hasher = Sha256::new();
@@ -256,7 +261,7 @@ impl Scope {
                 }
                 Self(Bytes::copy_from_slice(&hasher.finalize()))
             }
-        }
+        })
     }
 
     /// The scope's bytes.

@@ -30,7 +30,7 @@ use crate::{
 /// | guarded methods | `POST`, `PATCH` |
 /// | key header | `Idempotency-Key` |
 /// | key required | no: requests without one pass through |
-/// | scope | SHA-256 of `Authorization` ([`Scope::from_authorization`]) |
+/// | scope | SHA-256 of `Authorization` ([`Scope::from_authorization`]); none: 400 |
 /// | fingerprinted headers | `content-type` |
 /// | in-flight duplicates | [`InFlightPolicy::Conflict`] (409) |
 /// | finished keys | [`CompletedStrategy::Replay`] |
@@ -150,7 +150,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
                 methods: vec![Method::POST, Method::PATCH],
                 header: HeaderName::from_static("idempotency-key"),
                 require: None,
-                scope: Arc::new(|parts| Some(Scope::from_authorization(parts))),
+                scope: Arc::new(Scope::from_authorization),
                 fingerprint_headers: vec![http::header::CONTENT_TYPE],
                 in_flight: InFlightPolicy::default(),
                 completed: CompletedStrategy::default(),

@@ -31,7 +31,7 @@
 //! | method not guarded (default: not `POST`/`PATCH`), or no key | passed through untouched |
 //! | no key, key required | 400 `missing-key` |
 //! | empty, over 255 bytes, non-ASCII, control or space characters, two key fields | 400 `invalid-key` |
-//! | scope function returns `None` | 400 `missing-scope` |
+//! | no `Authorization` header (the default scope), or the scope function returns `None` | 400 `missing-scope` |
 //! | body over the cap (default 1 MiB) | 413 `body-too-large`, nothing runs |
 //! | body slower than its timeout (default 30 s) | 408 `body-timeout`, nothing runs |
 //! | first request with a key | runs; response stored unless 5xx, 408, 425, 429 |
@@ -55,8 +55,10 @@
 //! A record is identified by (namespace, scope, key), hashed with SHA-256
 //! ([`RecordId`]): key bytes never reach a store's key names. The default
 //! scope is the SHA-256 of the `Authorization` header, so two API keys never
-//! share records; requests without one share the anonymous scope. If your
-//! callers authenticate otherwise, set [`IdempotencyLayer::with_scope`].
+//! share records; a guarded request without one is refused (400
+//! `missing-scope`). If your callers authenticate otherwise, set
+//! [`IdempotencyLayer::with_scope`]; `with_scope(|_| Some(Scope::anonymous()))`
+//! is the opt-in for a public endpoint whose callers share one scope.
 //!
 //! The [`Fingerprint`] covers method, path and query, the body and the
 //! `content-type` header ([`IdempotencyLayer::with_fingerprint_headers`]).

@@ -169,7 +169,11 @@ impl RejectionKind {
         match self {
             Self::MissingKey => "Send an Idempotency-Key header with this request.".into(),
             Self::InvalidKey(error) => format!("{error}."),
-            Self::MissingScope => "The request carries no identity to scope its idempotency key to.".into(),
+            Self::MissingScope => "The request carries no identity to scope its idempotency key to: send an \
+                                   Authorization header. (Operators: IdempotencyLayer::with_scope sets who a key \
+                                   belongs to; with_scope(|_| Some(Scope::anonymous())) shares one scope for a \
+                                   public endpoint.)"
+                .into(),
             Self::InvalidBody => "The request body ended with an error before it was complete.".into(),
             Self::BodyTooLarge => "The request body exceeds the size this endpoint accepts; nothing was done.".into(),
             Self::BodyTimeout => "The request body did not arrive in time; nothing was done.".into(),

@@ -56,7 +56,11 @@ const REPLAYED: HeaderName = HeaderName::from_static(REPLAYED_HEADER);
 ///     .service(service_fn(|_: http::Request<RequestBody<String>>| async {
 ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("charged")))
 ///     }));
-/// let request = http::Request::post("/charges").header("idempotency-key", "k1").body(String::new()).unwrap();
+/// let request = http::Request::post("/charges")
+///     .header("idempotency-key", "k1")
+///     .header("authorization", "Bearer sk_test_1")
+///     .body(String::new())
+///     .unwrap();
 /// let response = service.oneshot(request).await.unwrap();
 /// assert_eq!(response.status(), 200);
 /// # });

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use axum::{Router, body::Body, routing::post};
 use bytes::Bytes;
-use common::{Calls, read};
+use common::{AUTH, Calls, read};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -17,7 +17,11 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, RequestBody};
 
 fn charge(key: &str, body: &'static str) -> Request<Body> {
-    Request::post("/charges").header("idempotency-key", key).body(Body::from(body)).unwrap()
+    Request::post("/charges")
+        .header("idempotency-key", key)
+        .header("authorization", AUTH)
+        .body(Body::from(body))
+        .unwrap()
 }
 
 fn counted_router(calls: &Calls) -> Router {
@@ -116,6 +120,7 @@ async fn tonic_server_builder_layer() {
     let check = |key: &str, service: &str| {
         let mut request = tonic::Request::new(HealthCheckRequest { service: service.into() });
         request.metadata_mut().insert("idempotency-key", key.parse().unwrap());
+        request.metadata_mut().insert("authorization", AUTH.parse().unwrap());
         request
     };
     let first = client.check(check("probe-1", "")).await.unwrap();
@@ -169,6 +174,7 @@ async fn bare_hyper_server() {
         let request = Request::post("/charges")
             .header("host", "localhost")
             .header("idempotency-key", "hyper-1")
+            .header("authorization", AUTH)
             .body(Full::new(Bytes::from("amount=1")))
             .unwrap();
         answers.push(read(sender.send_request(request).await.unwrap()).await);

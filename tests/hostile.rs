@@ -77,7 +77,8 @@ where
         counter.bump();
         async { Ok::<_, std::convert::Infallible>(respond(201, "ran")) }
     });
-    let request = Request::post("/upload").header("idempotency-key", "big-1").body(body).unwrap();
+    let request =
+        Request::post("/upload").header("idempotency-key", "big-1").header("authorization", AUTH).body(body).unwrap();
     let answer = read(layer.layer(inner).oneshot(request).await.unwrap()).await;
     (answer, calls.get())
 }
@@ -114,7 +115,11 @@ async fn ten_thousand_keys_from_one_client_fill_the_store_to_its_bound_and_no_fu
     let mut statuses = std::collections::BTreeMap::new();
     for n in 0..10_000 {
         let key = format!("flood-{n}");
-        let request = Request::post("/").header("idempotency-key", key.as_str()).body(Default::default()).unwrap();
+        let request = Request::post("/")
+            .header("idempotency-key", key.as_str())
+            .header("authorization", AUTH)
+            .body(Default::default())
+            .unwrap();
         *statuses.entry(send(&app, request).await.status.as_u16()).or_insert(0) += 1;
     }
     // Full, the store drops its oldest records: every new key still runs.
@@ -122,7 +127,11 @@ async fn ten_thousand_keys_from_one_client_fill_the_store_to_its_bound_and_no_fu
     assert!(store.len() <= 5_000, "the store grew past its bound: {}", store.len());
     assert_eq!(calls.get(), 10_000);
     // The newest keys still replay.
-    let request = Request::post("/").header("idempotency-key", "flood-9999").body(Default::default()).unwrap();
+    let request = Request::post("/")
+        .header("idempotency-key", "flood-9999")
+        .header("authorization", AUTH)
+        .body(Default::default())
+        .unwrap();
     assert!(send(&app, request).await.replayed());
     assert_eq!(calls.get(), 10_000);
 }
@@ -145,7 +154,13 @@ async fn injection_attempts_in_the_key_stay_inert() {
         }
     });
     const HOSTILE: &str = "k%0d%0aSet-Cookie:%20x=1/../admin?{key}";
-    let request = || Request::post("/").header("idempotency-key", HOSTILE).body(Default::default()).unwrap();
+    let request = || {
+        Request::post("/")
+            .header("idempotency-key", HOSTILE)
+            .header("authorization", AUTH)
+            .body(Default::default())
+            .unwrap()
+    };
     let first = tokio::spawn({
         let app = app.clone();
         async move { send(&app, request()).await }

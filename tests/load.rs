@@ -54,6 +54,7 @@ async fn storm<St: Store + Clone>(instances: Vec<IdempotencyLayer<St>>, keys: us
                 let _permit = in_flight.acquire_owned().await.unwrap();
                 let request = http::Request::post("/v1/charges")
                     .header("idempotency-key", key.as_str())
+                    .header("authorization", AUTH)
                     .body(http_body_util::Full::new(bytes::Bytes::from_static(b"amount=1")))
                     .unwrap();
                 (k, send(&app, request).await)

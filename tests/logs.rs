@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use tower_idempotency::{IdempotencyLayer, Outcome, RecordId, Scope};
+use tower_idempotency::{IdempotencyLayer, Outcome, RecordId};
 
 /// A `tracing` writer that keeps everything in memory.
 #[derive(Clone, Default)]
@@ -48,7 +48,7 @@ async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
     for outcome in ["executed", "replayed", "mismatch", "rejected"] {
         assert!(logs.contains(&format!("outcome=\"{outcome}\"")), "no {outcome} event in:\n{logs}");
     }
-    let id = RecordId::new("", &Scope::anonymous(), &"secret-order-key-42".parse().unwrap());
+    let id = RecordId::new("", &test_scope(), &"secret-order-key-42".parse().unwrap());
     assert!(logs.contains(&id.to_string()), "events name the hashed key");
     assert!(!logs.contains("secret-order-key-42"), "the key leaked into the logs:\n{logs}");
 }

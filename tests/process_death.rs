@@ -76,7 +76,11 @@ impl Drop for Child {
 }
 
 fn charge() -> http::Request<axum::body::Body> {
-    http::Request::post("/charges").header("idempotency-key", "order-killed").body(axum::body::Body::from("a")).unwrap()
+    http::Request::post("/charges")
+        .header("idempotency-key", "order-killed")
+        .header("authorization", AUTH)
+        .body(axum::body::Body::from("a"))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,6 +113,7 @@ async fn a_killed_instance_frees_its_key_after_one_lease_and_it_runs_once_more()
         let request = http::Request::post("/charges")
             .header("host", "localhost")
             .header("idempotency-key", "order-killed")
+            .header("authorization", AUTH)
             .body(http_body_util::Full::new(bytes::Bytes::from("a")))
             .unwrap();
         sender.send_request(request).await

@@ -119,8 +119,7 @@ async fn cluster_round_trips_are_the_same() {
     let (app, calls) = counting(&layer);
     // Warm up the node that will serve the measured key: a key whose record
     // lands in the same hash slot (the first 14 bits of its record id).
-    let id =
-        |key: &str| tower_idempotency::RecordId::new("", &tower_idempotency::Scope::anonymous(), &key.parse().unwrap());
+    let id = |key: &str| tower_idempotency::RecordId::new("", &test_scope(), &key.parse().unwrap());
     let slot = |key: &str| u16::from_be_bytes([id(key).as_bytes()[0], id(key).as_bytes()[1]]) & 0x3fff;
     let measured = "cluster-order";
     let warm = (0..).map(|n| format!("warm-{n}")).find(|key| slot(key) == slot(measured)).unwrap();
@@ -338,11 +337,7 @@ async fn wait_for_replicas_and_fail_when_the_replica_is_down() {
     let layer = IdempotencyLayer::new(store.clone());
     let (app, calls) = counting(&layer);
     assert_eq!(send(&app, post(Some("replicated"), "")).await.status, 201);
-    let key = store.record_key(&tower_idempotency::RecordId::new(
-        "",
-        &tower_idempotency::Scope::anonymous(),
-        &"replicated".parse().unwrap(),
-    ));
+    let key = store.record_key(&tower_idempotency::RecordId::new("", &test_scope(), &"replicated".parse().unwrap()));
     assert!(!replica.command(&["GET", &key]).starts_with("$-1"), "the record reached the replica");
 
     replica.stop();
@@ -350,11 +345,8 @@ async fn wait_for_replicas_and_fail_when_the_replica_is_down() {
     assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (503, "store-unavailable"));
     assert_eq!(calls.get(), 1, "nothing runs on a claim the replica did not take");
     // The claim was given back: the key is free for a retry.
-    let unreplicated = store.record_key(&tower_idempotency::RecordId::new(
-        "",
-        &tower_idempotency::Scope::anonymous(),
-        &"unreplicated".parse().unwrap(),
-    ));
+    let unreplicated =
+        store.record_key(&tower_idempotency::RecordId::new("", &test_scope(), &"unreplicated".parse().unwrap()));
     assert!(primary.command(&["GET", &unreplicated]).starts_with("$-1"));
 }
 
@@ -398,11 +390,7 @@ async fn a_completed_1_kib_record_stays_small_in_redis() {
     let layer = IdempotencyLayer::new(store.clone());
     let app = app(&layer, |_| async { respond(201, vec![b'x'; 1024]) });
     let answer = send(&app, post(KEY, "a")).await;
-    let key = store.record_key(&tower_idempotency::RecordId::new(
-        "",
-        &tower_idempotency::Scope::anonymous(),
-        &"order-1".parse().unwrap(),
-    ));
+    let key = store.record_key(&tower_idempotency::RecordId::new("", &test_scope(), &"order-1".parse().unwrap()));
     let usage = |key: &str| -> usize {
         server.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).trim_start_matches(':').trim().parse().unwrap()
     };
@@ -602,7 +590,7 @@ async fn keys_never_reach_redis_key_names() {
     assert!(!names.contains("secret"), "a key reached Redis in the clear: {names}");
 }
 
-/// Looks the key `k` up (anonymous scope) until `done` holds of its state,
+/// Looks the key `k` up (in the tests' scope) until `done` holds of its state,
 /// for at most `within`.
 async fn state_until<St: tower_idempotency::Store + Clone>(
     layer: &IdempotencyLayer<St>,
@@ -610,7 +598,7 @@ async fn state_until<St: tower_idempotency::Store + Clone>(
     within: Duration,
     done: impl Fn(&Option<tower_idempotency::store::RecordState>) -> bool,
 ) -> Option<tower_idempotency::store::RecordState> {
-    let (scope, key) = (tower_idempotency::Scope::anonymous(), key.parse().unwrap());
+    let (scope, key) = (test_scope(), key.parse().unwrap());
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let state = layer.lookup(&scope, &key).await.ok().flatten();

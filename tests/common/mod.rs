@@ -19,7 +19,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use tokio::sync::Semaphore;
 use tower::{Layer, ServiceExt, util::BoxCloneSyncService};
-use tower_idempotency::{IdempotencyLayer, RequestBody, ResponseBody, Store};
+use tower_idempotency::{IdempotencyLayer, RequestBody, ResponseBody, Scope, Store};
 
 /// The body test handlers answer with.
 pub type TestBody = BoxBody<Bytes, std::io::Error>;
@@ -126,8 +126,19 @@ impl Gate {
     }
 }
 
+/// The credentials every test request carries: the layer's default scope
+/// refuses a request without any.
+pub const AUTH: &str = "Bearer sk_test";
+
+/// The scope of requests carrying [`AUTH`].
+pub fn test_scope() -> Scope {
+    Scope::hashed(AUTH.as_bytes())
+}
+
 pub fn post(key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
-    let mut builder = Request::post("/v1/charges").header("content-type", "application/x-www-form-urlencoded");
+    let mut builder = Request::post("/v1/charges")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("authorization", AUTH);
     if let Some(key) = key {
         builder = builder.header("idempotency-key", key);
     }
@@ -199,5 +210,5 @@ pub fn gated<St: Store + Clone>(layer: &IdempotencyLayer<St>) -> (App, Gate, Cal
 
 /// A request to `/hold` with `key`.
 pub fn hold(key: &str) -> Request<Full<Bytes>> {
-    Request::post("/hold").header("idempotency-key", key).body(Full::default()).unwrap()
+    Request::post("/hold").header("idempotency-key", key).header("authorization", AUTH).body(Full::default()).unwrap()
 }

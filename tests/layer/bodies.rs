@@ -23,7 +23,7 @@ async fn streamed_request_body_over_the_cap_is_413() {
     let service = tower::Layer::layer(&layer, inner);
     // No length declared: the cap is found while reading.
     let body = streaming_body(&["12345", "67890"], None);
-    let request = Request::post("/").header("idempotency-key", "k").body(body).unwrap();
+    let request = Request::post("/").header("idempotency-key", "k").header("authorization", AUTH).body(body).unwrap();
     let answer = read(service.oneshot(request).await.unwrap()).await;
     assert_eq!(answer.status, 413);
     assert_eq!(calls.get(), 0);
@@ -43,6 +43,7 @@ async fn failing_request_body_is_400() {
         vec![Ok(Frame::data(Bytes::from("12"))), Err(std::io::Error::other("connection reset"))];
     let request = Request::post("/")
         .header("idempotency-key", "k")
+        .header("authorization", AUTH)
         .body(BodyExt::boxed(StreamBody::new(stream::iter(frames))))
         .unwrap();
     let answer = read(service.oneshot(request).await.unwrap()).await;
@@ -96,9 +97,9 @@ async fn a_client_that_stops_reading_cannot_hold_the_key_in_flight() {
     });
     // The client reads the head, then nothing more, and stays connected.
     let unread = app.clone().oneshot(post(KEY, "a")).await.unwrap();
-    let id = RecordId::new("", &Scope::anonymous(), &"order-1".parse().unwrap());
+    let id = RecordId::new("", &test_scope(), &"order-1".parse().unwrap());
     layer.store().wait(&id, Duration::from_secs(60)).await;
-    let state = layer.lookup(&Scope::anonymous(), &"order-1".parse().unwrap()).await.unwrap();
+    let state = layer.lookup(&test_scope(), &"order-1".parse().unwrap()).await.unwrap();
     assert!(matches!(state, Some(RecordState::Completed(_))), "recorded although the client reads nothing: {state:?}");
     let replay = send(&app, post(KEY, "a")).await;
     assert!(replay.replayed());

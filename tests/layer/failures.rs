@@ -70,7 +70,13 @@ async fn a_client_that_read_the_whole_stream_gets_the_replay_at_once() {
     let (app, calls) = counted(&layer, move |_, _| async { Response::new(streaming_body(&["a", "b", "c"], None)) });
     for round in 0..50 {
         let key = format!("k{round}");
-        let request = || Request::post("/").header("idempotency-key", key.as_str()).body(Full::default()).unwrap();
+        let request = || {
+            Request::post("/")
+                .header("idempotency-key", key.as_str())
+                .header("authorization", AUTH)
+                .body(Full::default())
+                .unwrap()
+        };
         assert_eq!(send(&app, request()).await.body, "abc");
         let replay = send(&app, request()).await;
         assert_eq!((replay.status.as_u16(), replay.replayed()), (200, true), "round {round}");

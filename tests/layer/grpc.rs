@@ -9,6 +9,7 @@ async fn grpc_requests_get_grpc_statuses_not_problem_json() {
         Request::post("/payments.v1.Payments/CreateCharge")
             .header("content-type", "application/grpc+proto")
             .header("idempotency-key", key)
+            .header("authorization", AUTH)
             .body(Full::default())
             .unwrap()
     };

@@ -6,7 +6,11 @@ use super::*;
 async fn unguarded_methods_and_keyless_requests_pass_through_untouched() {
     let (app, calls) = counting(&IdempotencyLayer::memory());
     for _ in 0..2 {
-        let get = Request::get("/v1/charges").header("idempotency-key", "k").body(Full::default()).unwrap();
+        let get = Request::get("/v1/charges")
+            .header("idempotency-key", "k")
+            .header("authorization", AUTH)
+            .body(Full::default())
+            .unwrap();
         assert_eq!(send(&app, get).await.status, 201);
     }
     let first = send(&app, post(None, "a=1")).await;
@@ -41,7 +45,8 @@ async fn configured_methods_and_header_name() {
         .with_methods([Method::PUT])
         .with_header(http::HeaderName::from_static("x-request-key"));
     let (app, calls) = counting(&layer);
-    let put = || Request::put("/x").header("x-request-key", "k").body(Full::default()).unwrap();
+    let put =
+        || Request::put("/x").header("x-request-key", "k").header("authorization", AUTH).body(Full::default()).unwrap();
     send(&app, put()).await;
     assert!(send(&app, put()).await.replayed());
     // POST is no longer guarded.
@@ -59,6 +64,7 @@ async fn invalid_keys_are_400_and_run_nothing() {
     for value in values {
         let request = Request::post("/v1/charges")
             .header("idempotency-key", http::HeaderValue::from_bytes(value).unwrap())
+            .header("authorization", AUTH)
             .body(Full::default())
             .unwrap();
         let answer = send(&app, request).await;
@@ -66,7 +72,9 @@ async fn invalid_keys_are_400_and_run_nothing() {
     }
     let twice = Request::post("/v1/charges")
         .header("idempotency-key", "a")
+        .header("authorization", AUTH)
         .header("idempotency-key", "a")
+        .header("authorization", AUTH)
         .body(Full::default())
         .unwrap();
     assert_eq!(send(&app, twice).await.problem(), "invalid-key");

@@ -11,12 +11,14 @@ async fn same_key_different_payload_is_422() {
     assert_eq!((other_body.status.as_u16(), other_body.problem().as_str()), (422, "key-reused"));
     let other_path = Request::post("/v1/refunds")
         .header("idempotency-key", "order-1")
+        .header("authorization", AUTH)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from("amount=100")))
         .unwrap();
     assert_eq!(send(&app, other_path).await.status, 422);
     let other_type = Request::post("/v1/charges")
         .header("idempotency-key", "order-1")
+        .header("authorization", AUTH)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from("amount=100")))
         .unwrap();
@@ -89,5 +91,27 @@ async fn fingerprinted_headers_are_configurable() {
     send(&app, with_currency("usd")).await;
     assert_eq!(send(&app, with_currency("eur")).await.status, 422);
     assert!(send(&app, with_currency("usd")).await.replayed());
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn without_credentials_the_default_scope_refuses_and_a_shared_scope_is_an_opt_in() {
+    let anonymous = || {
+        let mut request = post(KEY, "a");
+        request.headers_mut().remove(header::AUTHORIZATION);
+        request
+    };
+    let (app, calls) = counting(&IdempotencyLayer::memory());
+    let refused = send(&app, anonymous()).await;
+    assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (400, "missing-scope"));
+    let detail = serde_json::from_slice::<serde_json::Value>(&refused.body).unwrap()["detail"].to_string();
+    assert!(detail.contains("Authorization") && detail.contains("with_scope"), "{detail}");
+    assert_eq!(calls.get(), 0, "a caller without credentials never reads, nor runs under, a shared scope");
+
+    // A public endpoint opts in to one scope for all its callers.
+    let public = IdempotencyLayer::memory().with_scope(|_| Some(Scope::anonymous()));
+    let (app, calls) = counting(&public);
+    assert_eq!(send(&app, anonymous()).await.status, 201);
+    assert!(send(&app, anonymous()).await.replayed());
     assert_eq!(calls.get(), 1);
 }

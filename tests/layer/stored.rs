@@ -53,10 +53,14 @@ async fn handler_can_overrule_the_storage_decision() {
             response
         }
     });
-    let to = |path: &str| Request::post(path).header("idempotency-key", "k").body(Full::default()).unwrap();
+    let to = |path: &str| {
+        Request::post(path).header("idempotency-key", "k").header("authorization", AUTH).body(Full::default()).unwrap()
+    };
     send(&app, to("/always")).await;
     assert!(send(&app, to("/always")).await.replayed(), "a 503 marked Always is replayed");
-    let key2 = |path: &str| Request::post(path).header("idempotency-key", "k2").body(Full::default()).unwrap();
+    let key2 = |path: &str| {
+        Request::post(path).header("idempotency-key", "k2").header("authorization", AUTH).body(Full::default()).unwrap()
+    };
     send(&app, key2("/never")).await;
     assert!(!send(&app, key2("/never")).await.replayed(), "a 201 marked Never runs again");
     assert_eq!(calls.get(), 3);
@@ -79,6 +83,7 @@ async fn grpc_status_in_trailers_decides_storage() {
         Request::post("/pkg.Svc/Call")
             .header("content-type", "application/grpc")
             .header("idempotency-key", "k")
+            .header("authorization", AUTH)
             .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
             .unwrap()
     };
@@ -114,9 +119,9 @@ async fn lookup_shows_the_record_state() {
     let layer = IdempotencyLayer::memory();
     let (app, _) = counting(&layer);
     let key = "order-1".parse().unwrap();
-    assert!(layer.lookup(&Scope::anonymous(), &key).await.unwrap().is_none());
+    assert!(layer.lookup(&test_scope(), &key).await.unwrap().is_none());
     send(&app, post(KEY, "a")).await;
-    match layer.lookup(&Scope::anonymous(), &key).await.unwrap() {
+    match layer.lookup(&test_scope(), &key).await.unwrap() {
         Some(RecordState::Completed(record)) => assert_eq!(record.response().unwrap().status(), 201),
         other => panic!("expected completed, got {other:?}"),
     }
