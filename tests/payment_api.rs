@@ -162,6 +162,25 @@ async fn crash_after_charge_retry_gets_the_same_charge<St: Store + Clone>(layer:
     assert_eq!(api.charges("sk_a").await.len(), 1, "one order, one charge");
 }
 
+async fn the_ledger_answers_a_changed_payload_with_422_and_keeps_the_charge_for_its_owner<St: Store + Clone>(
+    layer: IdempotencyLayer<St>,
+) {
+    let api = Api::start(layer, Duration::ZERO).await;
+    let crashed =
+        api.charge("sk_a", "o1", "amount=500&currency=usd&source=tok_visa&metadata[simulate]=crash_after_charge").await;
+    assert_eq!(crashed.status, 500);
+    let charged = api.charges("sk_a").await;
+    // The key was released by the crash; the ledger holds the charge.
+    let other = api.charge("sk_a", "o1", "amount=9999&currency=eur&source=tok_visa").await;
+    assert_eq!(other.status, 422, "another payload under a charged key: {}", other.json);
+    assert_eq!(other.json["error"]["type"], "idempotency_error");
+    let retry =
+        api.charge("sk_a", "o1", "amount=500&currency=usd&source=tok_visa&metadata[simulate]=crash_after_charge").await;
+    assert_eq!(retry.status, 200, "the 422 was not stored: the owner's retry gets its charge");
+    assert_eq!(retry.json, charged[0]);
+    assert_eq!(api.charges("sk_a").await.len(), 1);
+}
+
 async fn concurrent_duplicates_wait_for_one_charge<St: Store + Clone>(layer: IdempotencyLayer<St>) {
     let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
     let api = Arc::new(Api::start(layer, Duration::from_millis(200)).await);
@@ -210,5 +229,6 @@ on_each_store!(
     api_keys_are_scopes,
     declined_card_is_replayed,
     crash_after_charge_retry_gets_the_same_charge,
+    the_ledger_answers_a_changed_payload_with_422_and_keeps_the_charge_for_its_owner,
     concurrent_duplicates_wait_for_one_charge
 );

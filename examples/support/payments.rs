@@ -26,7 +26,9 @@ use axum::{
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tower_idempotency::{IdempotencyContext, IdempotencyKey, IdempotencyLayer, Scope, Store, store::RecordState};
+use tower_idempotency::{
+    IdempotencyContext, IdempotencyKey, IdempotencyLayer, Scope, Store, StoreResponse, store::RecordState,
+};
 
 /// A charge as Stripe's v1 API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,9 +86,18 @@ impl Payments {
                  created INTEGER NOT NULL,
                  description TEXT,
                  metadata TEXT NOT NULL,
+                 source TEXT NOT NULL DEFAULT '',
                  UNIQUE (api_key, idempotency_key)
              );",
         )?;
+        // A ledger from before `source` was kept.
+        let columns: Vec<String> = ledger
+            .prepare("SELECT name FROM pragma_table_info('charges')")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !columns.iter().any(|column| column == "source") {
+            ledger.execute_batch("ALTER TABLE charges ADD COLUMN source TEXT NOT NULL DEFAULT ''")?;
+        }
         Ok(Arc::new(Self {
             ledger: Mutex::new(ledger),
             processor_latency,
@@ -119,24 +130,32 @@ impl Payments {
         id
     }
 
-    /// The charge recorded for this caller's idempotency key, if any.
-    fn find_by_key(&self, api_key: &str, idempotency_key: &str) -> rusqlite::Result<Option<Charge>> {
+    /// The charge recorded for this caller's idempotency key, if any, and
+    /// the source it charged.
+    fn find_by_key(&self, api_key: &str, idempotency_key: &str) -> rusqlite::Result<Option<(Charge, String)>> {
         self.ledger()
             .query_row(
-                "SELECT id, amount, currency, status, paid, created, description, metadata
+                "SELECT id, amount, currency, status, paid, created, description, metadata, source
                  FROM charges WHERE api_key = ?1 AND idempotency_key = ?2",
                 params![api_key, idempotency_key],
-                charge_from_row,
+                |row| Ok((charge_from_row(row)?, row.get(8)?)),
             )
             .optional()
     }
 
-    /// Records `charge`; when the ledger already holds one for this key (a
-    /// second execution that slipped past the layer), returns that one.
-    fn insert(&self, api_key: &str, idempotency_key: &str, charge: &Charge) -> rusqlite::Result<(Charge, bool)> {
+    /// Records `charge` of `source`; when the ledger already holds one for
+    /// this key (a second execution that slipped past the layer), returns
+    /// that one and its source.
+    fn insert(
+        &self,
+        api_key: &str,
+        idempotency_key: &str,
+        charge: &Charge,
+        source: &str,
+    ) -> rusqlite::Result<((Charge, String), bool)> {
         let inserted = self.ledger().execute(
-            "INSERT INTO charges (id, api_key, idempotency_key, amount, currency, status, paid, created, description, metadata)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+            "INSERT INTO charges (id, api_key, idempotency_key, amount, currency, status, paid, created, description, metadata, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (api_key, idempotency_key) DO NOTHING",
             params![
                 charge.id,
@@ -149,13 +168,14 @@ impl Payments {
                 charge.created,
                 charge.description,
                 serde_json::to_string(&charge.metadata).unwrap_or_default(),
+                source,
             ],
         )?;
         if inserted == 1 {
-            return Ok((charge.clone(), true));
+            return Ok(((charge.clone(), source.to_owned()), true));
         }
         let existing = self.find_by_key(api_key, idempotency_key)?;
-        Ok((existing.unwrap_or_else(|| charge.clone()), false))
+        Ok((existing.unwrap_or_else(|| (charge.clone(), source.to_owned())), false))
     }
 
     /// Every charge of one caller, oldest first.
@@ -286,14 +306,14 @@ async fn create_charge<St>(
         Err(message) => return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", None, &message),
     };
     // The second line of defence: a key the ledger already knows gets the
-    // charge it made, never a new one.
+    // charge it made, never a new one; asked with another payload, 422.
     let key = context.derived_key();
     let lookup = {
         let (payments, api_key, key) = (payments.clone(), api_key.clone(), key.clone());
         tokio::task::spawn_blocking(move || payments.find_by_key(&api_key, &key)).await
     };
     match lookup {
-        Ok(Ok(Some(existing))) => return (StatusCode::OK, Json(existing)).into_response(),
+        Ok(Ok(Some(existing))) => return answer_for_known_key(existing, &new),
         Ok(Ok(None)) => {}
         Ok(Err(error)) => return ledger_error(error),
         Err(error) => return ledger_error(error),
@@ -315,24 +335,46 @@ async fn create_charge<St>(
         id: payments.charge_id(),
         object: "charge".to_owned(),
         amount: new.amount,
-        currency: new.currency,
+        currency: new.currency.clone(),
         status: "succeeded".to_owned(),
         paid: true,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
-        description: new.description,
-        metadata: new.metadata,
+        description: new.description.clone(),
+        metadata: new.metadata.clone(),
     };
-    let inserted = tokio::task::spawn_blocking(move || payments.insert(&api_key, &key, &charge)).await;
+    let source = new.source.clone();
+    let inserted = tokio::task::spawn_blocking(move || payments.insert(&api_key, &key, &charge, &source)).await;
     match inserted {
-        Ok(Ok((charge, is_new))) => {
-            if crash && is_new {
+        Ok(Ok(((charge, _), true))) => {
+            if crash {
                 panic!("simulated crash after charging {}", charge.id);
             }
             (StatusCode::OK, Json(charge)).into_response()
         }
+        Ok(Ok((existing, false))) => answer_for_known_key(existing, &new),
         Ok(Err(error)) => ledger_error(error),
         Err(error) => ledger_error(error),
     }
+}
+
+/// The answer to a request whose key the ledger already charged: that
+/// charge when the request asks for the same amount, currency and source;
+/// otherwise 422, marked "do not store" so that the layer keeps no record of
+/// it and the key's own client still gets its charge.
+fn answer_for_known_key((charge, source): (Charge, String), new: &NewCharge) -> Response {
+    if (charge.amount, charge.currency.as_str(), source.as_str())
+        == (new.amount, new.currency.as_str(), new.source.as_str())
+    {
+        return (StatusCode::OK, Json(charge)).into_response();
+    }
+    let mut response = stripe_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_error",
+        None,
+        "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+    );
+    response.extensions_mut().insert(StoreResponse::Never);
+    response
 }
 
 /// `amount=500&currency=usd&source=tok_visa&metadata[order]=7`, as Stripe's
