@@ -185,10 +185,18 @@ impl<St: Store> HeldClaim<St> {
         // A renewal still on its way could land after the completion.
         (self.settled, self.renewal) = (true, None);
         let completed = self.complete(record()).await;
-        // Renewed on only while a failed completion is retried.
-        self.renewing = completed.is_err() && !matches!(completed, Err(StoreError::NotOwner | StoreError::Full));
+        // Renewed on only while a completion that did not land is retried.
+        self.renewing = completed.is_err()
+            && !matches!(completed, Err(StoreError::NotOwner | StoreError::Full | StoreError::NotReplicated { .. }));
         match completed {
             Ok(()) => None,
+            Err(error @ StoreError::NotReplicated { .. }) => {
+                // The record is written; the wait for replicas is retried
+                // for as long as the claim could have been held.
+                self.held_until = self.held_until.max(self.renew_until + self.config.lease);
+                self.config.metrics.store_failed(&self.id, "complete", &error);
+                Some(record())
+            }
             Err(StoreError::Full) => {
                 let marker = Record::not_stored(self.fingerprint, NotStored::StoreFull);
                 if let Err(error) = Box::pin(self.complete(marker)).await {

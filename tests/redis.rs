@@ -675,3 +675,88 @@ async fn a_completion_refused_for_memory_is_retried_and_the_key_never_runs_twice
     assert_eq!(calls.get(), 1);
     assert!(layer.metrics().get(Outcome::StoreError) >= 1, "the refused completion is counted");
 }
+
+/// A primary and a replica fed through a proxy that can hold replication.
+async fn primary_with_stallable_replica() -> (RedisServer, StallingProxy, RedisServer) {
+    let primary = RedisServer::start();
+    let link = StallingProxy::start(primary.port).await;
+    let port = link.port;
+    let replica = tokio::task::spawn_blocking(move || RedisServer::replica_of_port(port)).await.unwrap();
+    (primary, link, replica)
+}
+
+/// Waits (bounded) until the server has `n` clients blocked, as in `WAIT`.
+async fn blocked_clients(server: &RedisServer, n: u32) {
+    for _ in 0..200 {
+        let info = server.command(&["INFO", "clients"]);
+        let blocked: u32 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("blocked_clients:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if blocked >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no client blocked on the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_holds_up_only_the_writes_that_wait_for_it() {
+    let (primary, link, _replica) = primary_with_stallable_replica().await;
+    let store = RedisStore::new(primary.pool()).with_replicas(1, Duration::from_secs(3));
+    let layer = IdempotencyLayer::new(store);
+    let (app, calls) = counting(&layer);
+    let done = send(&app, post(Some("done"), "")).await;
+    assert_eq!(done.status, 201);
+
+    link.stalled.store(true, Ordering::SeqCst);
+    // A first execution: its claim waits for the stalled replica.
+    let waiting = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post(Some("new"), "")).await }
+    });
+    blocked_clients(&primary, 1).await;
+    // A replay writes nothing: it waits for no replica, and no other call's
+    // WAIT holds it up.
+    let replay = send(&app, post(Some("done"), "")).await;
+    assert!(replay.replayed(), "a replay while a replica lags: {}", replay.status);
+    assert_eq!(replay.body, done.body);
+    let waiting = waiting.await.unwrap();
+    assert_eq!((waiting.status.as_u16(), waiting.problem().as_str()), (503, "store-unavailable"));
+    link.stalled.store(false, Ordering::SeqCst);
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_wait_failed_waits_again_instead_of_reading_as_a_stale_owner() {
+    let (primary, link, replica) = primary_with_stallable_replica().await;
+    let store = RedisStore::new(primary.pool()).with_replicas(1, Duration::from_millis(200));
+    let layer = IdempotencyLayer::new(store.clone());
+    let stall = link.stalled.clone();
+    let (app, calls) = counted(&layer, move |_, _| {
+        // Replication stalls while the handler runs: its completion's WAIT fails.
+        stall.store(true, Ordering::SeqCst);
+        async { respond(201, "charged") }
+    });
+    let first = send(&app, post(KEY, "a")).await;
+    assert_eq!(first.status, 201);
+    // Replication stays held for half a second: the completion is retried
+    // meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    link.stalled.store(false, Ordering::SeqCst);
+    let key = store.record_key(&tower_idempotency::RecordId::new("", &test_scope(), &"order-1".parse().unwrap()));
+    for _ in 0..200 {
+        if !replica.command(&["GET", &key]).starts_with("$-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The retried completion recognised its own record and waited again.
+    let metrics = layer.metrics();
+    assert!(metrics.get(Outcome::StoreError) >= 1, "the failed WAIT is counted");
+    assert_eq!(metrics.get(Outcome::StaleOwner), 0, "the retry took its own record for another owner's");
+    assert!(send(&app, post(KEY, "a")).await.replayed());
+    assert_eq!(calls.get(), 1);
+}

@@ -329,6 +329,15 @@ pub enum StoreError {
     /// The store could not be reached or failed.
     #[error("the store is unavailable: {0}")]
     Unavailable(Box<dyn std::error::Error + Send + Sync>),
+    /// The write was made, but fewer replicas than asked acknowledged it
+    /// in time: a failover could still lose it.
+    #[error("only {acknowledged} of {wanted} replicas acknowledged the write in time")]
+    NotReplicated {
+        /// Replicas that acknowledged.
+        acknowledged: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// The store held bytes that are not a record.
     #[error("the store holds a corrupt record: {0}")]
     Corrupt(#[from] crate::record::DecodeError),

@@ -26,9 +26,11 @@
 //! Every call but the blocking wait goes over one multiplexed connection
 //! that the store's clones share; redis-rs writes the calls it finds queued
 //! together in one system call, and reads their replies together.
-//! With [`RedisStore::with_replicas`], claims and completions also wait for
-//! replicas (`WAIT`): in the same round trip on a single Redis, in one more
-//! on a cluster.
+//! With [`RedisStore::with_replicas`], claims that acquire and completions
+//! also wait for replicas (`WAIT`), on a connection of their own so that a
+//! lagging replica holds up no other call: a completion in the same round
+//! trip on a single Redis (one more on a cluster), a claim in one more once
+//! its reply says it wrote. Replays and in-flight answers wait for nothing.
 //!
 //! `Wait` duplicates block on a short per-record list (`BLPOP`, at most
 //! 200 ms a call, under the client's 500 ms response timeout) that a
@@ -57,7 +59,7 @@ use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use self::{
     keys::{Key, KeyKind},
-    pool::{RedisResult, Replicated, SharedConnection},
+    pool::{RedisResult, Replicated, SharedConnection, Wait},
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
     waiters::Waiters,
 };
@@ -184,11 +186,15 @@ impl<P: RedisPool> RedisStore<P> {
         self.update(|inner| inner.prefix = prefix)
     }
 
-    /// After each claim and each completion, wait up to `timeout` for
-    /// `replicas` replicas to acknowledge it (`WAIT`). When fewer do, the
-    /// call fails, and the layer takes its store-failure path: a claim is
+    /// After each claim that acquires and each completion, wait up to
+    /// `timeout` for `replicas` replicas to acknowledge it (`WAIT`, on a
+    /// connection of its own: other calls never queue behind it). When fewer
+    /// do, the call fails with [`StoreError::NotReplicated`]: a claim is
     /// given up again first, so nothing runs on a claim a failover could
-    /// lose.
+    /// lose, and the layer takes its store-failure path; a completion is
+    /// written, and the layer waits for the replicas again (the same record
+    /// completed again is no stale owner) for as long as the claim could
+    /// have been held.
     ///
     /// What it changes on failover (a primary lost, a replica promoted):
     /// without it, a record the primary acknowledged but had not yet
@@ -260,26 +266,33 @@ impl<P: RedisPool> RedisStore<P> {
         script: &Script,
         keys: &[Key<'_>],
         args: &[&[u8]],
-        replicate: bool,
+        wait: Replicate,
     ) -> Result<(Value, Replicated), StoreError> {
-        let (reply, replicated) = match self.command(script.invoke(true, keys, args), &keys[0], replicate).await? {
+        let (reply, replicated) = match self.command(script.invoke(true, keys, args), &keys[0], wait).await? {
             (Err(error), _) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.command(script.invoke(false, keys, args), &keys[0], replicate).await?
+                self.command(script.invoke(false, keys, args), &keys[0], wait).await?
             }
             sent => sent,
         };
         Ok((reply.map_err(StoreError::unavailable)?, replicated))
     }
 
-    /// Sends `cmd` about `key` on the shared connection. With `replicate`,
-    /// and replicas set by [`with_replicas`](Self::with_replicas), `WAIT`s
-    /// for them after it: in the same round trip on a single Redis. Returns
-    /// the command's own reply or error, and whether enough replicas
+    /// Sends `cmd` about `key`. With replicas set by
+    /// [`with_replicas`](Self::with_replicas) and `wait` asking for them,
+    /// `WAIT`s for them after it on a connection of its own. Returns the
+    /// command's own reply or error, and whether enough replicas
     /// acknowledged.
-    async fn command(&self, cmd: Cmd, key: &Key<'_>, replicate: bool) -> Result<(RedisResult, Replicated), StoreError> {
-        let replicas = self.inner.replicas.filter(|_| replicate);
+    async fn command(&self, cmd: Cmd, key: &Key<'_>, wait: Replicate) -> Result<(RedisResult, Replicated), StoreError> {
+        let wait = self.inner.replicas.and_then(|(replicas, timeout)| {
+            let only_if = match wait {
+                Replicate::Never => return None,
+                Replicate::Always => None,
+                Replicate::IfAcquired => Some(acquired as fn(&Value) -> bool),
+            };
+            Some(Wait { replicas, timeout, only_if })
+        });
         // Boxed: see BENCHMARKS.md, "Future sizes".
-        Box::pin(self.connection.send(&self.pool, cmd, key, replicas)).await
+        Box::pin(self.connection.send(&self.pool, cmd, key, wait)).await
     }
 
     /// Runs an owner-checked script; 1 means done, 0 not the owner.
@@ -288,14 +301,29 @@ impl<P: RedisPool> RedisStore<P> {
         script: &Script,
         keys: &[Key<'_>],
         args: &[&[u8]],
-        replicate: bool,
+        wait: Replicate,
     ) -> Result<(), StoreError> {
-        match self.script(script, keys, args, replicate).await? {
+        match self.script(script, keys, args, wait).await? {
             (Value::Int(1), replicated) => replicated,
             (Value::Int(0), _) => Err(StoreError::NotOwner),
             (other, _) => Err(unexpected(&other)),
         }
     }
+}
+
+/// Which calls wait for replicas, with [`RedisStore::with_replicas`].
+#[derive(Clone, Copy)]
+enum Replicate {
+    Never,
+    /// Always, pipelined with the call: a completion.
+    Always,
+    /// Only when the call wrote: a claim that acquired (its reply is the
+    /// fencing token), not a replay or an in-flight answer.
+    IfAcquired,
+}
+
+fn acquired(reply: &Value) -> bool {
+    matches!(reply, Value::Int(_))
 }
 
 /// A random 64-bit number, for [`Inner::nonce`].
@@ -341,7 +369,8 @@ impl<P: RedisPool> Store for RedisStore<P> {
         fingerprint[..32].copy_from_slice(request.fingerprint().as_bytes());
         let args: [&[u8]; 4] = [&owner_bytes(owner), &fingerprint, &lease, replace];
         let record = self.key(&id, KeyKind::Record);
-        let claimed = self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, true).await;
+        let claimed =
+            self.script(&CLAIM, &[record, record.sibling(KeyKind::Fence)], &args, Replicate::IfAcquired).await;
         let (value, replicated) = match claimed {
             Ok(claimed) => claimed,
             Err(error) => {
@@ -385,25 +414,32 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let args: [&[u8]; 3] = [&owner, &encoded, &retention];
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
-        self.owned(&COMPLETE, &keys, &args, true).await
+        match self.script(&COMPLETE, &keys, &args, Replicate::Always).await? {
+            (Value::Int(1), replicated) => replicated,
+            // This very record is there: with replicas, a completion whose
+            // WAIT failed, retried to wait again; otherwise a stale owner.
+            (Value::Int(2), replicated) if self.inner.replicas.is_some() => replicated,
+            (Value::Int(0 | 2), _) => Err(StoreError::NotOwner),
+            (other, _) => Err(unexpected(&other)),
+        }
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
-        self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], false).await
+        self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], Replicate::Never).await
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
         let key = self.key(id, KeyKind::Record);
-        self.owned(&RENEW, &[key], &[&owner_bytes(owner), &millis(lease)], false).await
+        self.owned(&RENEW, &[key], &[&owner_bytes(owner), &millis(lease)], Replicate::Never).await
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         let key = self.key(id, KeyKind::Record);
         let mut get = Cmd::with_capacity(2, 3 + key.len());
         get.arg("GET").arg(key);
-        let value = match self.command(get, &key, false).await?.0 {
+        let value = match self.command(get, &key, Replicate::Never).await?.0 {
             Ok(Value::Nil) => return Ok(None),
             Ok(Value::BulkString(value)) => value,
             Ok(other) => return Err(unexpected(&other)),

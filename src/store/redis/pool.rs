@@ -55,6 +55,16 @@ pub trait RedisPool: sealed::Sealed + Clone + Send + Sync + 'static {
         cmd: Cmd,
         wait: Option<(Cmd, &str)>,
     ) -> impl Future<Output = (RedisResult, Option<Result<i64, RedisError>>)> + Send;
+
+    /// Sends `wait` (a `WAIT`) to the primary that holds `key`, after the
+    /// writes this connection made to it; returns how many replicas
+    /// acknowledged.
+    #[doc(hidden)]
+    fn wait_for(
+        connection: &mut Self::Shared,
+        wait: Cmd,
+        key: &str,
+    ) -> impl Future<Output = Result<i64, RedisError>> + Send;
 }
 
 impl RedisPool for deadpool_redis::Pool {
@@ -92,6 +102,10 @@ impl RedisPool for deadpool_redis::Pool {
             Err(error) => (Err(error), None),
         }
     }
+
+    async fn wait_for(connection: &mut Self::Shared, wait: Cmd, _: &str) -> Result<i64, RedisError> {
+        wait.query_async(connection).await.and_then(acknowledged)
+    }
 }
 
 impl RedisPool for deadpool_redis::cluster::Pool {
@@ -111,13 +125,17 @@ impl RedisPool for deadpool_redis::cluster::Pool {
         cmd: Cmd,
         wait: Option<(Cmd, &str)>,
     ) -> (RedisResult, Option<Result<i64, RedisError>>) {
-        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
         let reply = cmd.query_async(connection).await;
         let Some((wait, key)) = wait.filter(|_| reply.is_ok()) else { return (reply, None) };
-        // In a round trip of its own, to the primary that holds `key`.
+        // In a round trip of its own.
+        (reply, Some(Self::wait_for(connection, wait, key).await))
+    }
+
+    async fn wait_for(connection: &mut Self::Shared, wait: Cmd, key: &str) -> Result<i64, RedisError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
         let route = Route::new(slot_of(key.as_bytes()), SlotAddr::Master);
         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-        (reply, Some(connection.route_command(wait, routing).await.and_then(acknowledged)))
+        connection.route_command(wait, routing).await.and_then(acknowledged)
     }
 }
 
@@ -141,6 +159,9 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// of the pool spares each call deadpool's health-check `PING`.
 pub(super) struct SharedConnection<P: RedisPool> {
     cached: Arc<Mutex<Option<P::Shared>>>,
+    /// Idle connections for calls that wait for replicas (see
+    /// [`SharedConnection::send`]).
+    spare: Arc<Mutex<Vec<P::Shared>>>,
     /// Held while one call connects, so a burst of calls after a start or a
     /// failure makes one connection, not one each.
     connecting: Arc<tokio::sync::Mutex<()>>,
@@ -148,13 +169,13 @@ pub(super) struct SharedConnection<P: RedisPool> {
 
 impl<P: RedisPool> Clone for SharedConnection<P> {
     fn clone(&self) -> Self {
-        Self { cached: self.cached.clone(), connecting: self.connecting.clone() }
+        Self { cached: self.cached.clone(), spare: self.spare.clone(), connecting: self.connecting.clone() }
     }
 }
 
 impl<P: RedisPool> Default for SharedConnection<P> {
     fn default() -> Self {
-        Self { cached: Arc::default(), connecting: Arc::default() }
+        Self { cached: Arc::default(), spare: Arc::default(), connecting: Arc::default() }
     }
 }
 
@@ -195,30 +216,106 @@ impl<P: RedisPool> SharedConnection<P> {
         StoreError::unavailable(error)
     }
 
-    /// Sends `cmd` about `key`; with `replicas`, `WAIT`s for them after it
-    /// (in the same round trip on a single Redis). Returns the command's own
-    /// reply or error, and whether enough replicas acknowledged.
+    /// Sends `cmd` about `key`: on the shared connection, or, when it waits
+    /// for replicas, on a connection of its own, so that the `WAIT` holds up
+    /// no other call. Returns the command's own reply or error, and whether
+    /// enough replicas acknowledged.
     pub(super) async fn send(
         &self,
         pool: &P,
         cmd: Cmd,
         key: &Key<'_>,
-        replicas: Option<(u32, Duration)>,
+        wait: Option<Wait>,
     ) -> Result<(RedisResult, Replicated), StoreError> {
-        let mut connection = self.get(pool).await?;
-        let name = replicas.map(|_| key.to_string());
-        let wait = replicas.zip(name.as_deref()).map(|((replicas, timeout), name)| (wait_cmd(replicas, timeout), name));
-        let (reply, waited) = P::query(&mut connection, cmd, wait).await;
+        let Some(wait) = wait else {
+            let mut connection = self.get(pool).await?;
+            return match P::query(&mut connection, cmd, None).await.0 {
+                Err(error) if broken(&error) => Err(self.failed(error)),
+                reply => Ok((reply, Ok(()))),
+            };
+        };
+        // Boxed: see BENCHMARKS.md, "Future sizes".
+        Box::pin(self.send_replicated(pool, cmd, key, wait)).await
+    }
+
+    /// [`SharedConnection::send`] for a call that waits for replicas.
+    async fn send_replicated(
+        &self,
+        pool: &P,
+        cmd: Cmd,
+        key: &Key<'_>,
+        wait: Wait,
+    ) -> Result<(RedisResult, Replicated), StoreError> {
+        let mut connection = self.spare(pool).await?;
+        let (name, wait_cmd) = (key.to_string(), wait_cmd(wait.replicas, wait.timeout));
+        let (reply, waited) = match wait.only_if {
+            // In one round trip on a single Redis: `WAIT` counts every write
+            // this connection made before it.
+            None => P::query(&mut connection.connection, cmd, Some((wait_cmd, &name))).await,
+            Some(wrote) => {
+                let (reply, _) = P::query(&mut connection.connection, cmd, None).await;
+                let waited = match &reply {
+                    Ok(value) if wrote(value) => Some(P::wait_for(&mut connection.connection, wait_cmd, &name).await),
+                    _ => None,
+                };
+                (reply, waited)
+            }
+        };
         let reply = match reply {
-            Err(error) if broken(&error) => return Err(self.failed(error)),
+            Err(error) if broken(&error) => {
+                connection.broken = true;
+                return Err(StoreError::unavailable(error));
+            }
             reply => reply,
         };
-        let replicated = match (replicas, waited) {
-            (Some((replicas, timeout)), Some(Ok(acknowledged))) => enough_replicas(acknowledged, replicas, timeout),
-            (Some(_), Some(Err(error))) => Err(self.failed(error)),
-            _ => Ok(()),
+        let replicated = match waited {
+            Some(Ok(acknowledged)) => enough_replicas(acknowledged, wait.replicas),
+            Some(Err(error)) => {
+                connection.broken |= broken(&error);
+                Err(StoreError::unavailable(error))
+            }
+            None => Ok(()),
         };
         Ok((reply, replicated))
+    }
+
+    /// A connection of this store's own, for a call that waits for
+    /// replicas: an idle one, or a new one taken from `pool`.
+    async fn spare(&self, pool: &P) -> Result<Spare<'_, P>, StoreError> {
+        let idle = self.spare.lock().unwrap_or_else(|poison| poison.into_inner()).pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            // Boxed: see BENCHMARKS.md, "Future sizes".
+            None => Box::pin(pool.shared()).await?,
+        };
+        Ok(Spare { connection, idle: &self.spare, broken: false })
+    }
+}
+
+/// When a call waits for replicas to take its write (`WAIT`).
+#[derive(Clone, Copy)]
+pub(super) struct Wait {
+    pub(super) replicas: u32,
+    pub(super) timeout: Duration,
+    /// Wait only when the reply says the command wrote (a claim that
+    /// acquired); `None`: always, pipelined with the command.
+    pub(super) only_if: Option<fn(&Value) -> bool>,
+}
+
+/// A connection a call that waits for replicas holds alone; back to the
+/// idle ones when done, unless broken.
+struct Spare<'a, P: RedisPool> {
+    connection: P::Shared,
+    idle: &'a Mutex<Vec<P::Shared>>,
+    broken: bool,
+}
+
+impl<P: RedisPool> Drop for Spare<'_, P> {
+    fn drop(&mut self) {
+        if !self.broken {
+            // A handle to the same connection: the one here goes with `self`.
+            self.idle.lock().unwrap_or_else(|poison| poison.into_inner()).push(self.connection.clone());
+        }
     }
 }
 
@@ -265,11 +362,10 @@ fn broken(error: &RedisError) -> bool {
     error.is_io_error() || error.is_connection_dropped() || error.is_timeout() || error.is_unrecoverable_error()
 }
 
-fn enough_replicas(acknowledged: i64, replicas: u32, timeout: Duration) -> Result<(), StoreError> {
+fn enough_replicas(acknowledged: i64, replicas: u32) -> Result<(), StoreError> {
     if acknowledged < i64::from(replicas) {
-        return Err(StoreError::unavailable(format!(
-            "only {acknowledged} of {replicas} replicas acknowledged within {timeout:?}"
-        )));
+        let acknowledged = u32::try_from(acknowledged).unwrap_or(0);
+        return Err(StoreError::NotReplicated { acknowledged, wanted: replicas });
     }
     Ok(())
 }

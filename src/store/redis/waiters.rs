@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 use redis::Value;
 use tokio::sync::watch;
 
-use super::{RedisStore, keys::KeyKind, pool::RedisPool, script::WAIT};
+use super::{RedisStore, Replicate, keys::KeyKind, pool::RedisPool, script::WAIT};
 use crate::{RecordId, store::StoreError};
 
 /// The longest a waiter blocks in one `BLPOP`, below the connection's
@@ -76,7 +76,7 @@ impl Drop for Leader<'_> {
 /// queue. True when the record left the in-flight state.
 async fn block_once<P: RedisPool>(store: &RedisStore<P>, id: &RecordId, block: Duration) -> Result<bool, StoreError> {
     let record = store.key(id, KeyKind::Record);
-    match store.script(&WAIT, &[record], &[], false).await?.0 {
+    match store.script(&WAIT, &[record], &[], Replicate::Never).await?.0 {
         Value::Int(1) => {}
         // Already completed, released or expired.
         _ => return Ok(true),
