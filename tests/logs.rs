@@ -21,16 +21,28 @@ impl std::io::Write for Logs {
     }
 }
 
+impl Logs {
+    /// Keeps what this thread logs at `level` and above, until the guard
+    /// goes.
+    fn capture(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 #[tokio::test]
 async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
 
     let layer = IdempotencyLayer::memory();
     let (app, _) = counting(&layer);
@@ -44,7 +56,7 @@ async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
     let counts: Vec<u64> =
         [Outcome::Executed, Outcome::Replayed, Outcome::Mismatch, Outcome::Rejected].map(|o| metrics.get(o)).to_vec();
     assert_eq!(counts, [1, 1, 1, 1]);
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     for outcome in ["executed", "replayed", "mismatch", "rejected"] {
         assert!(logs.contains(&format!("outcome=\"{outcome}\"")), "no {outcome} event in:\n{logs}");
     }
@@ -58,24 +70,17 @@ async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
 async fn a_redis_that_may_evict_records_is_warned_about_on_connecting() {
     use common::redis::RedisServer;
 
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
 
     let keeps = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
     let (app, _) = counting(&IdempotencyLayer::redis(keeps.pool()));
     assert_eq!(send(&app, post(Some("k"), "")).await.status, 201);
-    let quiet = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let quiet = logs.text();
     assert!(!quiet.contains("maxmemory-policy"), "noeviction is what the store wants:\n{quiet}");
 
     let evicts = RedisServer::start_with(&["--maxmemory-policy", "volatile-lru"]);
     let (app, _) = counting(&IdempotencyLayer::redis(evicts.pool()));
     assert_eq!(send(&app, post(Some("k"), "")).await.status, 201);
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert!(logs.contains("WARN") && logs.contains("maxmemory-policy") && logs.contains("volatile-lru"), "{logs}");
 }

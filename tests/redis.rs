@@ -209,6 +209,13 @@ impl StallingProxy {
         });
         Self { port, stalled }
     }
+
+    /// A pool whose connections go through the proxy.
+    fn pool(&self) -> deadpool_redis::Pool {
+        deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", self.port))
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap()
+    }
 }
 
 /// Copies bytes one way; while stalled, holds them (the connection stays
@@ -241,9 +248,7 @@ async fn pump(
 async fn a_stalled_connection_hits_the_timeout_and_the_configured_path() {
     let server = RedisServer::start();
     let proxy = StallingProxy::start(server.port).await;
-    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = proxy.pool();
     let layer = IdempotencyLayer::redis(pool).with_store_timeout(Duration::from_millis(200)).unwrap();
     let (app, calls) = counting(&layer);
     assert_eq!(send(&app, post(Some("k1"), "")).await.status, 201);
@@ -473,9 +478,7 @@ async fn redis_killed_mid_request_and_back_with_its_data_loses_no_outcome() {
 async fn a_stall_leaks_no_tasks_or_connections() {
     let server = RedisServer::start();
     let proxy = StallingProxy::start(server.port).await;
-    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = proxy.pool();
     let layer = IdempotencyLayer::redis(pool).with_store_timeout(Duration::from_millis(100)).unwrap();
     let (app, _) = counting(&layer);
     assert_eq!(send(&app, post(Some("warm"), "")).await.status, 201);
@@ -613,9 +616,7 @@ async fn state_until<St: tower_idempotency::Store + Clone>(
 async fn a_claim_that_lands_after_the_store_timed_out_is_given_back() {
     let server = RedisServer::start();
     let proxy = StallingProxy::start(server.port).await;
-    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", proxy.port))
-        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-        .unwrap();
+    let pool = proxy.pool();
     // The layer's documented default: one second per store call.
     let layer = IdempotencyLayer::redis(pool);
     let (app, calls) = counting(&layer);

@@ -2,16 +2,23 @@
 
 use super::*;
 
-/// A store that fails every call, or never answers.
+/// A store that fails every call, never answers, or finds a record it
+/// cannot read (one written by a newer version, say).
 #[derive(Clone)]
 struct BrokenStore {
     hang: bool,
+    unreadable: bool,
 }
 
 impl BrokenStore {
+    const DOWN: Self = Self { hang: false, unreadable: false };
+
     async fn fail<T>(&self) -> Result<T, StoreError> {
         if self.hang {
             std::future::pending::<()>().await;
+        }
+        if self.unreadable {
+            return Err(StoreError::Corrupt(tower_idempotency::DecodeError::UnknownVersion(9)));
         }
         Err(StoreError::unavailable("connection refused"))
     }
@@ -43,7 +50,7 @@ impl Store for BrokenStore {
 
 #[tokio::test]
 async fn store_down_fails_closed_with_503_by_default() {
-    let layer = IdempotencyLayer::new(BrokenStore { hang: false });
+    let layer = IdempotencyLayer::new(BrokenStore::DOWN);
     let (app, calls) = counting(&layer);
     let answer = send(&app, post(KEY, "a")).await;
     assert_eq!((answer.status.as_u16(), answer.problem().as_str()), (503, "store-unavailable"));
@@ -54,8 +61,9 @@ async fn store_down_fails_closed_with_503_by_default() {
 
 #[tokio::test]
 async fn slow_store_times_out_into_the_failure_path() {
-    let layer =
-        IdempotencyLayer::new(BrokenStore { hang: true }).with_store_timeout(Duration::from_millis(50)).unwrap();
+    let layer = IdempotencyLayer::new(BrokenStore { hang: true, ..BrokenStore::DOWN })
+        .with_store_timeout(Duration::from_millis(50))
+        .unwrap();
     let (app, calls) = counting(&layer);
     assert_eq!(send(&app, post(KEY, "a")).await.status, 503);
     assert_eq!(calls.get(), 0);
@@ -63,7 +71,7 @@ async fn slow_store_times_out_into_the_failure_path() {
 
 #[tokio::test]
 async fn store_down_fails_open_when_configured() {
-    let layer = IdempotencyLayer::new(BrokenStore { hang: false }).with_failure_mode(FailureMode::FailOpen);
+    let layer = IdempotencyLayer::new(BrokenStore::DOWN).with_failure_mode(FailureMode::FailOpen);
     let (app, calls) = counting(&layer);
     assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
     assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
@@ -127,38 +135,10 @@ async fn fail_open_never_runs_a_request_the_store_already_called_in_flight() {
     assert_eq!(calls.get(), 1, "the store had said in flight: the duplicate must not run unguarded");
 }
 
-/// A store whose every claim finds a record it cannot read (one written by
-/// a newer version, say).
-#[derive(Clone)]
-struct UnreadableStore;
-
-impl Store for UnreadableStore {
-    async fn claim(&self, _: ClaimRequest) -> Result<Claim, StoreError> {
-        Err(StoreError::Corrupt(tower_idempotency::DecodeError::UnknownVersion(9)))
-    }
-    async fn complete(
-        &self,
-        _: &RecordId,
-        _: OwnerToken,
-        _: tower_idempotency::Record,
-        _: Duration,
-    ) -> Result<(), StoreError> {
-        Err(StoreError::NotOwner)
-    }
-    async fn release(&self, _: &RecordId, _: OwnerToken) -> Result<(), StoreError> {
-        Err(StoreError::NotOwner)
-    }
-    async fn renew(&self, _: &RecordId, _: OwnerToken, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::NotOwner)
-    }
-    async fn lookup(&self, _: &RecordId) -> Result<Option<RecordState>, StoreError> {
-        Err(StoreError::Corrupt(tower_idempotency::DecodeError::UnknownVersion(9)))
-    }
-}
-
 #[tokio::test]
 async fn fail_open_never_runs_a_key_whose_record_the_store_holds_but_cannot_read() {
-    let layer = IdempotencyLayer::new(UnreadableStore).with_failure_mode(FailureMode::FailOpen);
+    let layer = IdempotencyLayer::new(BrokenStore { unreadable: true, ..BrokenStore::DOWN })
+        .with_failure_mode(FailureMode::FailOpen);
     let (app, calls) = counting(&layer);
     let answer = send(&app, post(KEY, "a")).await;
     assert_eq!((answer.status.as_u16(), answer.problem().as_str()), (503, "store-unavailable"));
