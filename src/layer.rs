@@ -181,7 +181,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     ///
     /// # Example
     /// ```
-    /// use http::Method;
+    /// use axum::http::Method;
     /// let layer = tower_idempotency::IdempotencyLayer::memory().with_methods([Method::POST, Method::PUT, Method::DELETE]);
     /// # drop(layer);
     /// ```
@@ -194,7 +194,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     ///
     /// # Example
     /// ```
-    /// use http::HeaderName;
+    /// use axum::http::HeaderName;
     /// let layer = tower_idempotency::IdempotencyLayer::memory().with_header(HeaderName::from_static("x-request-key"));
     /// # drop(layer);
     /// ```
@@ -219,7 +219,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # Example
     /// ```
     /// let layer = tower_idempotency::IdempotencyLayer::memory()
-    ///     .with_key_required_if(|parts: &http::request::Parts| parts.uri.path().starts_with("/v1/charges"));
+    ///     .with_key_required_if(|parts: &axum::http::request::Parts| parts.uri.path().starts_with("/v1/charges"));
     /// # drop(layer);
     /// ```
     pub fn with_key_required_if(self, predicate: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
@@ -236,7 +236,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// #[derive(Clone)]
     /// struct Tenant(String);
     ///
-    /// let layer = IdempotencyLayer::memory().with_scope(|parts: &http::request::Parts| {
+    /// let layer = IdempotencyLayer::memory().with_scope(|parts: &axum::http::request::Parts| {
     ///     parts.extensions.get::<Tenant>().map(|tenant| Scope::new(tenant.0.clone()))
     /// });
     /// # drop(layer);
@@ -250,7 +250,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     ///
     /// # Example
     /// ```
-    /// use http::header::{ACCEPT, CONTENT_TYPE};
+    /// use axum::http::header::{ACCEPT, CONTENT_TYPE};
     /// let layer = tower_idempotency::IdempotencyLayer::memory().with_fingerprint_headers([CONTENT_TYPE, ACCEPT]);
     /// # drop(layer);
     /// ```

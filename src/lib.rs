@@ -20,6 +20,9 @@
 //! # drop(app);
 //! ```
 //!
+//! The examples write `axum::http`, axum's re-export of the `http` crate;
+//! outside axum, depend on `http` itself.
+//!
 //! The layer works the same in `axum::Router::route_layer`, in tonic's
 //! `Server::builder().layer(..)`, and around any `tower::Service` that takes
 //! `http::Request<B>` with `B: http_body::Body<Data = Bytes>`.
@@ -94,7 +97,7 @@
 //! - `redis` (on by default): the Redis and Redis Cluster stores, on
 //!   deadpool-redis, and [`IdempotencyLayer::redis`] and
 //!   [`IdempotencyLayer::redis_cluster`].
-//! - `axum`: [`IdempotencyContext`] as an axum extractor.
+//! - `axum` (on by default): [`IdempotencyContext`] as an axum extractor.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

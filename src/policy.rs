@@ -94,8 +94,8 @@ pub enum FailureMode {
 /// ```
 /// use tower_idempotency::StoreResponse;
 ///
-/// let mut response = http::Response::new(());
-/// *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+/// let mut response = axum::http::Response::new(());
+/// *response.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
 /// // This 503 is a final business answer: replay it to retries.
 /// response.extensions_mut().insert(StoreResponse::Always);
 /// ```

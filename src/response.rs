@@ -346,8 +346,8 @@ impl Rejection {
 ///
 /// let layer = IdempotencyLayer::memory().with_responder(|rejection: &Rejection| {
 ///     if rejection.kind() == RejectionKind::InFlight {
-///         let mut response = http::Response::new(Bytes::from("busy, try again"));
-///         *response.status_mut() = http::StatusCode::CONFLICT;
+///         let mut response = axum::http::Response::new(Bytes::from("busy, try again"));
+///         *response.status_mut() = axum::http::StatusCode::CONFLICT;
 ///         return response;
 ///     }
 ///     rejection.default_response()

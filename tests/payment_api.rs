@@ -69,7 +69,9 @@ impl Api {
             .uri(format!("http://{}{path}", self.addr))
             .header("content-type", "application/x-www-form-urlencoded");
         if let Some(api_key) = api_key {
-            request = request.header("authorization", format!("Bearer {api_key}"));
+            // A whole header value when it names its scheme.
+            let value = if api_key.contains(' ') { api_key.to_owned() } else { format!("Bearer {api_key}") };
+            request = request.header("authorization", value);
         }
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
@@ -181,6 +183,15 @@ async fn the_ledger_answers_a_changed_payload_with_422_and_keeps_the_charge_for_
     assert_eq!(api.charges("sk_a").await.len(), 1);
 }
 
+async fn auth_schemes_are_case_insensitive<St: Store + Clone>(layer: IdempotencyLayer<St>) {
+    let api = Api::start(layer, Duration::ZERO).await;
+    let first = api.charge("bearer sk_a", "scheme-1", VISA).await;
+    assert_eq!(first.status, 200, "{}", first.json);
+    assert!(api.charge("BEARER sk_a", "scheme-1", VISA).await.replayed, "the same API key");
+    // `sk_a:` in basic auth.
+    assert!(api.charge("basic c2tfYTo=", "scheme-1", VISA).await.replayed);
+}
+
 async fn concurrent_duplicates_wait_for_one_charge<St: Store + Clone>(layer: IdempotencyLayer<St>) {
     let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
     let api = Arc::new(Api::start(layer, Duration::from_millis(200)).await);
@@ -230,5 +241,6 @@ on_each_store!(
     declined_card_is_replayed,
     crash_after_charge_retry_gets_the_same_charge,
     the_ledger_answers_a_changed_payload_with_422_and_keeps_the_charge_for_its_owner,
+    auth_schemes_are_case_insensitive,
     concurrent_duplicates_wait_for_one_charge
 );

@@ -256,11 +256,15 @@ async fn authenticate(mut request: Request, next: Next) -> Response {
 
 fn api_key(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let key = if let Some(token) = value.strip_prefix("Bearer ") {
-        token.trim().to_owned()
-    } else {
-        let decoded = base64_decode(value.strip_prefix("Basic ")?.trim())?;
+    // Auth schemes are case-insensitive (RFC 9110, section 11.1).
+    let (scheme, credentials) = value.split_once(' ')?;
+    let key = if scheme.eq_ignore_ascii_case("bearer") {
+        credentials.trim().to_owned()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64_decode(credentials.trim())?;
         decoded.split(':').next()?.to_owned()
+    } else {
+        return None;
     };
     (!key.is_empty()).then_some(key)
 }

@@ -71,6 +71,11 @@ impl fmt::Debug for OwnerToken {
 /// and expired leases: pass it to a downstream system so it can refuse a
 /// stale writer.
 ///
+/// That is all a handler may rely on: tokens grow per record. Tokens of
+/// different records are unrelated (the memory store counts across all its
+/// records, Redis per hash slot), and a store that loses its data (a
+/// memory store restarted, a Redis without persistence) starts again.
+///
 /// # Example
 /// ```
 /// use tower_idempotency::FencingToken;
