@@ -132,6 +132,9 @@ async fn serve<St: Store + Clone>(
     if let Some(lease) = flags.lease {
         layer = layer.with_lease(lease)?;
     }
+    // A wrong URL or a store that is down stops the service here, not on
+    // every request.
+    layer.check().await.map_err(|error| format!("the idempotency store ({store}) does not answer: {error}"))?;
     let router = payments::router(layer, payments);
     let listener = tokio::net::TcpListener::bind(flags.addr).await?;
     println!("payment_api listening on http://{} ({store}, ledger {})", listener.local_addr()?, flags.ledger.display());

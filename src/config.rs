@@ -32,9 +32,6 @@ pub enum ConfigError {
     /// A duration or size that must be positive was zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
-    /// The lease ceiling is shorter than the lease.
-    #[error("the lease ceiling must be at least the lease")]
-    CeilingBelowLease,
     /// A duration is longer than [`MAX_DURATION`] (ten years): past what
     /// clocks and stores (Redis's `PX`) can add to now.
     #[error("{0} must be at most ten years")]

@@ -308,16 +308,13 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_lease(self, lease: Duration) -> Result<Self, ConfigError> {
         let lease = check_duration("lease", lease)?;
-        let ceiling = self.config.lease_ceiling.max(lease);
-        Ok(self.update(|c| {
-            c.lease = lease;
-            c.lease_ceiling = ceiling;
-        }))
+        Ok(self.update(|c| c.lease = lease))
     }
 
     /// How long a request may hold its key through renewals. A handler still
     /// running after this loses its claim one lease later, and a duplicate
-    /// may then run.
+    /// may then run. A ceiling shorter than the lease means no renewal at
+    /// all; the order in which lease and ceiling are set does not matter.
     ///
     /// # Example
     /// ```
@@ -327,9 +324,6 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_lease_ceiling(self, ceiling: Duration) -> Result<Self, ConfigError> {
         let ceiling = check_duration("lease ceiling", ceiling)?;
-        if ceiling < self.config.lease {
-            return Err(ConfigError::CeilingBelowLease);
-        }
         Ok(self.update(|c| c.lease_ceiling = ceiling))
     }
 
@@ -403,11 +397,12 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     /// # Example
     /// ```
     /// use std::time::Duration;
-    /// let layer = tower_idempotency::IdempotencyLayer::memory().with_retry_after(Duration::from_secs(2));
+    /// let layer = tower_idempotency::IdempotencyLayer::memory().with_retry_after(Duration::from_secs(2)).unwrap();
     /// # drop(layer);
     /// ```
-    pub fn with_retry_after(self, retry_after: Duration) -> Self {
-        self.update(|c| c.retry_after = retry_after)
+    pub fn with_retry_after(self, retry_after: Duration) -> Result<Self, ConfigError> {
+        let retry_after = check_duration("retry after", retry_after)?;
+        Ok(self.update(|c| c.retry_after = retry_after))
     }
 
     /// What happens when the store fails.
@@ -469,6 +464,24 @@ impl<St: Store> IdempotencyLayer<St> {
     /// ```
     pub fn store(&self) -> &St {
         &self.config.store
+    }
+
+    /// Whether the store answers: one round trip under the store timeout
+    /// (a lookup of a key nobody uses). Call it at startup, so that a wrong
+    /// URL or a store that is down stops the service there, not on every
+    /// request; on Redis it also connects, and warns about a
+    /// `maxmemory-policy` that may evict records.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let layer = tower_idempotency::IdempotencyLayer::memory();
+    /// layer.check().await.expect("the memory store always answers");
+    /// # });
+    /// ```
+    pub async fn check(&self) -> Result<(), StoreError> {
+        let config = &self.config;
+        with_timeout(config.store_timeout, config.store.lookup(&RecordId::from_bytes([0; 32]))).await.map(drop)
     }
 
     /// The state of `key` within `scope`: for a status endpoint or an

@@ -44,7 +44,8 @@
 //! | finished key, [`CompletedStrategy::Reject`] | 409 `key-already-used` |
 //! | finished key whose response was not stored (too large, body failed) | 410 `response-not-stored` |
 //! | memory store full | completed records closest to expiry dropped to make room ([`Outcome::Evicted`]) |
-//! | store down or slow, or a memory store full of in-flight records, [`FailureMode::FailClosed`] | 503 `store-unavailable` + `Retry-After`, nothing runs |
+//! | store down or slow, [`FailureMode::FailClosed`] | 503 `store-unavailable` + `Retry-After`, nothing runs |
+//! | memory store full of in-flight records | 503 `store-full` + `Retry-After`, nothing runs |
 //! | store down or slow, [`FailureMode::FailOpen`] | runs unguarded, counted |
 //! | inner service panics | 500 `handler-panicked`, key released |
 //!

@@ -37,6 +37,9 @@ pub enum Outcome {
     /// A complete, release or renew found another owner: its lease had run
     /// out.
     StaleOwner,
+    /// The store had no room for a new key (a memory store full of in-flight
+    /// records): 503 `store-full`, nothing ran.
+    StoreFull,
     /// A completed record was dropped before its retention ran out, to make
     /// room in a full memory store (counted per record): a retry of its key
     /// runs again.
@@ -60,6 +63,7 @@ impl Outcome {
         Self::StoreError,
         Self::FailedOpen,
         Self::StaleOwner,
+        Self::StoreFull,
         Self::Evicted,
     ];
 
@@ -80,6 +84,7 @@ impl Outcome {
             Self::StoreError => "store_error",
             Self::FailedOpen => "failed_open",
             Self::StaleOwner => "stale_owner",
+            Self::StoreFull => "store_full",
             Self::Evicted => "evicted",
         }
     }
@@ -89,7 +94,7 @@ impl Outcome {
     }
 }
 
-const COUNTERS: usize = 9;
+const COUNTERS: usize = 10;
 const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 
 /// Counters per [`Outcome`], shared by a layer and every service it made.
@@ -141,6 +146,7 @@ impl Metrics {
         let outcome = match kind {
             RejectionKind::KeyReused => Outcome::Mismatch,
             RejectionKind::InFlight | RejectionKind::InFlightAccepted => Outcome::InFlight,
+            RejectionKind::StoreFull => Outcome::StoreFull,
             // Counted where they happen, as a store error or a panic.
             RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked => return,
             _ => Outcome::Rejected,

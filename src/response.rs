@@ -25,6 +25,7 @@ use crate::{IdempotencyKey, KeyError, NotStored, ResponseBody};
 /// | `KeyAlreadyUsed` | 409 | `ALREADY_EXISTS` (6) |
 /// | `ResponseNotStored` | 410 | `FAILED_PRECONDITION` (9) |
 /// | `StoreUnavailable` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
+/// | `StoreFull` | 503 + `Retry-After` | `RESOURCE_EXHAUSTED` (8) |
 /// | `HandlerPanicked` | 500 | `INTERNAL` (13) |
 ///
 /// # Example
@@ -61,6 +62,9 @@ pub enum RejectionKind {
     ResponseNotStored(NotStored),
     /// The store could not be reached; nothing ran.
     StoreUnavailable,
+    /// The store answered but has no room for a new key (a memory store
+    /// full of in-flight records); nothing ran.
+    StoreFull,
     /// The inner service panicked; its claim was released.
     HandlerPanicked,
 }
@@ -82,7 +86,7 @@ impl RejectionKind {
             Self::InFlight | Self::KeyAlreadyUsed => StatusCode::CONFLICT,
             Self::InFlightAccepted => StatusCode::ACCEPTED,
             Self::ResponseNotStored(_) => StatusCode::GONE,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::HandlerPanicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +108,7 @@ impl RejectionKind {
             Self::KeyAlreadyUsed => 6,
             Self::ResponseNotStored(_) => 9,
             Self::StoreUnavailable => 14,
+            Self::StoreFull => 8,
             Self::HandlerPanicked => 13,
         }
     }
@@ -129,6 +134,7 @@ impl RejectionKind {
             Self::KeyAlreadyUsed => "urn:tower-idempotency:problem:key-already-used",
             Self::ResponseNotStored(_) => "urn:tower-idempotency:problem:response-not-stored",
             Self::StoreUnavailable => "urn:tower-idempotency:problem:store-unavailable",
+            Self::StoreFull => "urn:tower-idempotency:problem:store-full",
             Self::HandlerPanicked => "urn:tower-idempotency:problem:handler-panicked",
         }
     }
@@ -154,6 +160,7 @@ impl RejectionKind {
             Self::KeyAlreadyUsed => "Idempotency key already used",
             Self::ResponseNotStored(_) => "The response for this idempotency key was not stored",
             Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::StoreFull => "Idempotency store full",
             Self::HandlerPanicked => "The request failed",
         }
     }
@@ -193,7 +200,14 @@ impl RejectionKind {
                 };
                 format!("The request with this key was processed, but its response cannot be replayed because {why}.")
             }
-            Self::StoreUnavailable => "Nothing was done; retry later.".into(),
+            Self::StoreUnavailable => {
+                "The idempotency store could not be reached; nothing was done. Retry later.".into()
+            }
+            Self::StoreFull => {
+                "The idempotency store has no room for a new key while the requests it holds run; nothing was done. \
+                 Retry later."
+                    .into()
+            }
             Self::HandlerPanicked => "The request failed on the server; it may be retried with the same key.".into(),
         }
     }
@@ -246,9 +260,10 @@ impl Rejection {
     /// where waiting helps (in flight, store unavailable).
     pub(crate) fn respond<B>(self, responder: &dyn Responder, retry_after: Duration) -> Response<ResponseBody<B>> {
         let rejection = match self.kind {
-            RejectionKind::InFlight | RejectionKind::InFlightAccepted | RejectionKind::StoreUnavailable => {
-                self.with_retry_after(retry_after)
-            }
+            RejectionKind::InFlight
+            | RejectionKind::InFlightAccepted
+            | RejectionKind::StoreUnavailable
+            | RejectionKind::StoreFull => self.with_retry_after(retry_after),
             _ => self,
         };
         responder.respond(&rejection).map(ResponseBody::full)
@@ -462,6 +477,7 @@ mod tests {
             RejectionKind::KeyAlreadyUsed,
             RejectionKind::ResponseNotStored(NotStored::TooLarge),
             RejectionKind::StoreUnavailable,
+            RejectionKind::StoreFull,
             RejectionKind::HandlerPanicked,
         ];
         let types: std::collections::HashSet<_> = kinds.iter().map(RejectionKind::problem_type).collect();

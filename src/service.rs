@@ -237,6 +237,8 @@ impl<St: Store> Guarded<St> {
                 let claim = ClaimRequest::new(id, fingerprint, config.lease).with_replace_completed(replace_completed);
                 let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                     Ok(claimed) => claimed,
+                    // An answer, not a failure: the store has no room.
+                    Err(StoreError::Full) => return Ok(config.reject(RejectionKind::StoreFull, self.grpc)),
                     Err(error) => {
                         config.metrics.store_failed(&id, "claim", &error);
                         // A record the store holds but cannot read is an answer too.

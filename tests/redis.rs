@@ -761,3 +761,20 @@ async fn a_completion_whose_wait_failed_waits_again_instead_of_reading_as_a_stal
     assert!(send(&app, post(KEY, "a")).await.replayed());
     assert_eq!(calls.get(), 1);
 }
+
+#[tokio::test]
+async fn check_tells_a_reachable_store_from_a_wrong_url() {
+    let server = RedisServer::start();
+    IdempotencyLayer::redis(server.pool()).check().await.expect("a running Redis");
+    let nowhere = deadpool_redis::Config::from_url("redis://127.0.0.1:1")
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let error = IdempotencyLayer::redis(nowhere).check().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            tower_idempotency::store::StoreError::Unavailable(_) | tower_idempotency::store::StoreError::Timeout(_)
+        ),
+        "{error}"
+    );
+}

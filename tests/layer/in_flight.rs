@@ -4,7 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn in_flight_conflict_is_409_with_retry_after() {
-    let layer = IdempotencyLayer::memory().with_retry_after(Duration::from_secs(3));
+    let layer = IdempotencyLayer::memory().with_retry_after(Duration::from_secs(3)).unwrap();
     let (app, gate, calls, first) = parked(layer.clone()).await;
     let duplicate = send(&app, post(KEY, "amount=100")).await;
     assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (409, "in-flight"));

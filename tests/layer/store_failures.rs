@@ -109,7 +109,10 @@ async fn a_memory_store_full_of_in_flight_records_refuses_new_keys_with_503() {
     let first = tokio::spawn(send_owned(app.clone(), hold("a")));
     gate.entered(1).await;
     let refused = send(&app, post(Some("b"), "")).await;
-    assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (503, "store-unavailable"));
+    assert_eq!((refused.status.as_u16(), refused.problem().as_str()), (503, "store-full"));
+    assert!(refused.headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(layer.metrics().get(Outcome::StoreFull), 1, "told apart from a store that is down");
+    assert_eq!(layer.metrics().get(Outcome::StoreError), 0);
     gate.open(1);
     assert_eq!(first.await.unwrap().status, 201);
     assert_eq!(calls.get(), 1, "the refused key ran nothing");
