@@ -18,6 +18,8 @@
 
 #[path = "support/grpc.rs"]
 mod grpc;
+#[path = "support/logs.rs"]
+mod logs;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -27,6 +29,7 @@ const USAGE: &str = "usage: grpc_payments [--addr HOST:PORT] [--redis URL] [--pr
 
 #[tokio::main]
 async fn main() {
+    logs::init();
     let mut addr = SocketAddr::from(([127, 0, 0, 1], 50051));
     let mut redis = std::env::var("REDIS_URL").ok().filter(|url| !url.is_empty());
     let mut latency = Duration::ZERO;

@@ -22,6 +22,8 @@
 //! `metadata[simulate]=crash_after_charge` charges, then panics: the retry
 //! with the same key and body answers with that same charge.
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/payments.rs"]
 mod payments;
 
@@ -94,6 +96,7 @@ fn parse_flags() -> Result<Flags, String> {
 
 #[tokio::main]
 async fn main() {
+    logs::init();
     let flags = match parse_flags() {
         Ok(flags) => flags,
         Err(message) => {

@@ -23,6 +23,8 @@
 //! Exits 1 when a key was charged twice, its clients got two different
 //! answers, or a client got no answer.
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/payments.rs"]
 mod payments;
 
@@ -126,6 +128,7 @@ impl Random {
 
 #[tokio::main]
 async fn main() {
+    logs::init();
     let flags = match parse_flags() {
         Ok(flags) => flags,
         Err(message) => {

@@ -89,9 +89,11 @@
 //!
 //! # Observability
 //!
-//! `tracing` events per [`Outcome`] at `debug` (store failures and stale
-//! owners at `warn`), with the key shown only as its hashed [`RecordId`];
-//! counters per outcome through [`IdempotencyLayer::metrics`].
+//! One `tracing` event per guarded request at `debug`, when its response
+//! (or a streaming response's head) is ready: its [`Outcome`], status and
+//! duration, in a span that names the key only as its hashed [`RecordId`].
+//! Store failures and stale owners at `warn`. Counters per outcome through
+//! [`IdempotencyLayer::metrics`].
 //!
 //! # Features
 //!

@@ -5,6 +5,9 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use http::StatusCode;
+use tokio::time::Instant;
+
 use crate::{RecordId, RejectionKind, store::StoreError};
 
 /// What happened to one guarded request.
@@ -126,14 +129,10 @@ impl Metrics {
         self.counters[outcome.index()].load(Ordering::Relaxed)
     }
 
-    fn add(&self, outcome: Outcome) {
+    /// Counts `outcome` (the request logs it once, at its end: see
+    /// [`log_request`]).
+    pub(crate) fn count(&self, outcome: Outcome) {
         self.counters[outcome.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts and logs `outcome` for the record `id`.
-    pub(crate) fn count(&self, outcome: Outcome, id: &RecordId) {
-        self.add(outcome);
-        tracing::debug!(outcome = outcome.as_str(), key = %id, "idempotency outcome");
     }
 
     /// Counts records a store dropped to make room.
@@ -141,29 +140,53 @@ impl Metrics {
         self.counters[Outcome::Evicted.index()].fetch_add(dropped, Ordering::Relaxed);
     }
 
-    /// Counts and logs a rejection, as the outcome its kind stands for.
+    /// Counts a rejection, as the outcome its kind stands for.
     pub(crate) fn count_rejection(&self, kind: RejectionKind) {
-        let outcome = match kind {
-            RejectionKind::KeyReused => Outcome::Mismatch,
-            RejectionKind::InFlight | RejectionKind::InFlightAccepted => Outcome::InFlight,
-            RejectionKind::StoreFull => Outcome::StoreFull,
-            // Counted where they happen, as a store error or a panic.
-            RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked => return,
-            _ => Outcome::Rejected,
-        };
-        self.add(outcome);
-        tracing::debug!(outcome = outcome.as_str(), rejection = kind.problem_type(), "idempotency outcome");
+        if let Some(outcome) = rejection_outcome(kind) {
+            self.count(outcome);
+        }
     }
 
     /// Counts and logs a failed store call: a stale owner, or the store
     /// failing.
     pub(crate) fn store_failed(&self, id: &RecordId, call: &'static str, error: &StoreError) {
         if matches!(error, StoreError::NotOwner) {
-            self.add(Outcome::StaleOwner);
+            self.count(Outcome::StaleOwner);
             tracing::warn!(call, key = %id, "lease ran out before {call}: another request may own the key");
         } else {
-            self.add(Outcome::StoreError);
+            self.count(Outcome::StoreError);
             tracing::warn!(call, key = %id, %error, "idempotency store call failed");
         }
     }
+}
+
+/// The outcome a rejection counts as; `None` for those counted where they
+/// happen (a store error, a panic).
+fn rejection_outcome(kind: RejectionKind) -> Option<Outcome> {
+    match kind {
+        RejectionKind::KeyReused => Some(Outcome::Mismatch),
+        RejectionKind::InFlight | RejectionKind::InFlightAccepted => Some(Outcome::InFlight),
+        RejectionKind::StoreFull => Some(Outcome::StoreFull),
+        RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked => None,
+        _ => Some(Outcome::Rejected),
+    }
+}
+
+/// What a rejection reads as in the request's log line.
+pub(crate) fn rejection_label(kind: RejectionKind) -> &'static str {
+    match kind {
+        RejectionKind::StoreUnavailable => Outcome::StoreError.as_str(),
+        RejectionKind::HandlerPanicked => Outcome::Executed.as_str(),
+        kind => rejection_outcome(kind).map_or("rejected", Outcome::as_str),
+    }
+}
+
+/// Logs what a guarded request came to, once, when its response (or the
+/// head of a streaming one) is ready; the request's span names its key,
+/// hashed. `started` is when the layer took the request; `status` is
+/// `None` when the inner service failed with an error.
+pub(crate) fn log_request(outcome: &'static str, status: Option<StatusCode>, started: Instant) {
+    let status = status.map(|status| status.as_u16());
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::debug!(outcome, status, elapsed_ms, "idempotency request");
 }

@@ -21,6 +21,7 @@ use crate::{
     body::read_body,
     claim::{HeldClaim, PendingClaim},
     config::{Config, MAX_DURATION},
+    metrics::{log_request, rejection_label},
     policy::is_grpc,
     recording::{DetachOnDrop, recording_task},
     response::status_location,
@@ -154,24 +155,27 @@ where
         if !config.methods.contains(request.method()) {
             return ResponseFuture::inner(self.inner.call(request.map(RequestBody::inner)));
         }
+        let started = Instant::now();
         let grpc = is_grpc(request.headers());
         let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
             Ok(Some(key)) => key,
             Ok(None) => {
                 let (parts, body) = request.into_parts();
                 if config.require.as_ref().is_some_and(|required| required(&parts)) {
-                    return ResponseFuture::ready(config.reject(RejectionKind::MissingKey, grpc));
+                    return ResponseFuture::ready(logged(config.reject(RejectionKind::MissingKey, grpc), started));
                 }
                 let request = Request::from_parts(parts, RequestBody::inner(body));
                 return ResponseFuture::inner(self.inner.call(request));
             }
-            Err(error) => return ResponseFuture::ready(config.reject(RejectionKind::InvalidKey(error), grpc)),
+            Err(error) => {
+                return ResponseFuture::ready(logged(config.reject(RejectionKind::InvalidKey(error), grpc), started));
+            }
         };
         // The ready service goes into the future; a fresh clone stays behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let span = tracing::debug_span!("idempotency", key = tracing::field::Empty);
-        let guarded = Guarded { config: self.config.clone(), grpc };
+        let guarded = Guarded { config: self.config.clone(), grpc, started };
         let (parts, body) = request.into_parts();
         ResponseFuture::guarded(Box::pin(guarded.run(inner, parts, body, key).instrument(span)))
     }
@@ -181,6 +185,28 @@ where
 struct Guarded<St> {
     config: Arc<Config<St>>,
     grpc: bool,
+    /// When the layer took the request, for its log line.
+    started: Instant,
+}
+
+impl<St> Guarded<St> {
+    fn reject<B>(&self, kind: RejectionKind) -> Response<ResponseBody<B>> {
+        self.reject_with(Rejection::new(kind, self.grpc))
+    }
+
+    /// The response to `rejection`, counted and logged.
+    fn reject_with<B>(&self, rejection: Rejection) -> Response<ResponseBody<B>> {
+        let label = rejection_label(rejection.kind());
+        let response = self.config.reject_with(rejection);
+        log_request(label, Some(response.status()), self.started);
+        response
+    }
+}
+
+/// `response` to a rejection made before the request was guarded, logged.
+fn logged<B>(response: Response<ResponseBody<B>>, started: Instant) -> Response<ResponseBody<B>> {
+    log_request(Outcome::Rejected.as_str(), Some(response.status()), started);
+    response
 }
 
 /// What identifies a guarded request once its body is read.
@@ -214,13 +240,13 @@ impl<St: Store> Guarded<St> {
         async move {
             let config = &self.config;
             let Some(scope) = (config.scope)(&parts) else {
-                return Ok(config.reject(RejectionKind::MissingScope, self.grpc));
+                return Ok(self.reject(RejectionKind::MissingScope));
             };
             let (body, trailers) = match within(config.body_timeout, read_body(body, config.body_limit)).await {
                 // Boxed: see BENCHMARKS.md, "Future sizes".
                 Some(Ok((body, trailers))) => (body, trailers.map(Box::new)),
-                Some(Err(kind)) => return Ok(config.reject(kind, self.grpc)),
-                None => return Ok(config.reject(RejectionKind::BodyTimeout, self.grpc)),
+                Some(Err(kind)) => return Ok(self.reject(kind)),
+                None => return Ok(self.reject(RejectionKind::BodyTimeout)),
             };
             let fingerprint = Fingerprint::of(&parts, &config.fingerprint_headers, &body);
             let id = RecordId::new(&config.namespace, &scope, &key);
@@ -238,21 +264,24 @@ impl<St: Store> Guarded<St> {
                 let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                     Ok(claimed) => claimed,
                     // An answer, not a failure: the store has no room.
-                    Err(StoreError::Full) => return Ok(config.reject(RejectionKind::StoreFull, self.grpc)),
+                    Err(StoreError::Full) => return Ok(self.reject(RejectionKind::StoreFull)),
                     Err(error) => {
                         config.metrics.store_failed(&id, "claim", &error);
                         // A record the store holds but cannot read is an answer too.
                         let answered = answered || matches!(error, StoreError::Corrupt(_));
                         return match config.failure {
                             FailureMode::FailOpen if !answered => {
-                                config.metrics.count(Outcome::FailedOpen, &id);
+                                config.metrics.count(Outcome::FailedOpen);
                                 let request =
                                     Request::from_parts(parts, RequestBody::buffered(body, trailers.map(|t| *t)));
                                 let mut inner = inner;
                                 // Boxed: see BENCHMARKS.md, "Future sizes".
-                                Box::pin(inner.call(request)).await.map(|response| response.map(ResponseBody::inner))
+                                let response = Box::pin(inner.call(request)).await;
+                                let status = response.as_ref().ok().map(Response::status);
+                                log_request(Outcome::FailedOpen.as_str(), status, self.started);
+                                response.map(|response| response.map(ResponseBody::inner))
                             }
-                            _ => Ok(config.reject(RejectionKind::StoreUnavailable, self.grpc)),
+                            _ => Ok(self.reject(RejectionKind::StoreUnavailable)),
                         };
                     }
                 };
@@ -264,14 +293,14 @@ impl<St: Store> Guarded<St> {
                         return self.execute(inner, request, identity, lease).await;
                     }
                     Claim::InFlight { fingerprint: theirs } if theirs != fingerprint => {
-                        return Ok(config.reject(RejectionKind::KeyReused, self.grpc));
+                        return Ok(self.reject(RejectionKind::KeyReused));
                     }
                     Claim::InFlight { .. } => match &config.in_flight {
-                        InFlightPolicy::Conflict => return Ok(config.reject(RejectionKind::InFlight, self.grpc)),
+                        InFlightPolicy::Conflict => return Ok(self.reject(RejectionKind::InFlight)),
                         InFlightPolicy::Accepted { status_url } => {
                             let location = status_url.as_deref().and_then(|url| status_location(url, &key));
                             let rejection = Rejection::new(RejectionKind::InFlightAccepted, self.grpc);
-                            return Ok(config.reject_with(rejection.with_location(location)));
+                            return Ok(self.reject_with(rejection.with_location(location)));
                         }
                         InFlightPolicy::Wait(_) => {
                             // A waiter replays the first answer, never takes it over.
@@ -279,7 +308,7 @@ impl<St: Store> Guarded<St> {
                             let deadline = wait_until.unwrap_or_else(Instant::now);
                             let now = Instant::now();
                             if now >= deadline {
-                                return Ok(config.reject(RejectionKind::InFlight, self.grpc));
+                                return Ok(self.reject(RejectionKind::InFlight));
                             }
                             // Boxed: see BENCHMARKS.md, "Future sizes".
                             let wait = config.store.wait(&id, deadline - now);
@@ -287,18 +316,18 @@ impl<St: Store> Guarded<St> {
                         }
                     },
                     Claim::Completed(record) if record.fingerprint() != fingerprint => {
-                        return Ok(config.reject(RejectionKind::KeyReused, self.grpc));
+                        return Ok(self.reject(RejectionKind::KeyReused));
                     }
                     Claim::Completed(_) if config.completed == CompletedStrategy::Reject => {
-                        return Ok(config.reject(RejectionKind::KeyAlreadyUsed, self.grpc));
+                        return Ok(self.reject(RejectionKind::KeyAlreadyUsed));
                     }
-                    Claim::Completed(record) => return Ok(self.replay(record, &id)),
+                    Claim::Completed(record) => return Ok(self.replay(record)),
                 }
             }
         }
     }
 
-    fn replay<B>(&self, record: Record, id: &RecordId) -> Response<ResponseBody<B>> {
+    fn replay<B>(&self, record: Record) -> Response<ResponseBody<B>> {
         match record.into_response() {
             Ok(stored) => {
                 let (status, mut headers, body, trailers) = stored.into_parts();
@@ -306,10 +335,11 @@ impl<St: Store> Guarded<St> {
                 let mut response = Response::new(ResponseBody::with_trailers(body, trailers));
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
-                self.config.metrics.count(Outcome::Replayed, id);
+                self.config.metrics.count(Outcome::Replayed);
+                log_request(Outcome::Replayed.as_str(), Some(status), self.started);
                 response
             }
-            Err(reason) => self.config.reject(RejectionKind::ResponseNotStored(reason), self.grpc),
+            Err(reason) => self.reject(RejectionKind::ResponseNotStored(reason)),
         }
     }
 
@@ -336,7 +366,7 @@ impl<St: Store> Guarded<St> {
         ResB::Error: Into<BoxError>,
     {
         let Identity { key, scope, id, fingerprint } = identity;
-        self.config.metrics.count(Outcome::Executed, &id);
+        self.config.metrics.count(Outcome::Executed);
         request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, lease.fencing_token()));
         let claim = HeldClaim::new(self.config.clone(), id, lease.owner(), fingerprint);
         let (answer, mut answered) = oneshot::channel();
@@ -359,10 +389,14 @@ impl<St: Store> Guarded<St> {
             .await;
             drop(task);
             match answer {
-                Ok(result) => result,
+                Ok(result) => {
+                    let status = result.as_ref().ok().map(Response::status);
+                    log_request(Outcome::Executed.as_str(), status, self.started);
+                    result
+                }
                 // The task ended without answering: the inner service
                 // panicked. Its claim was released as the task unwound.
-                Err(_) => Ok(self.config.reject(RejectionKind::HandlerPanicked, self.grpc)),
+                Err(_) => Ok(self.reject(RejectionKind::HandlerPanicked)),
             }
         }
     }
@@ -389,7 +423,7 @@ mod tests {
         let config = service.config.clone();
         let (parts, body) = Request::post("/").body(axum::body::Body::empty()).unwrap().into_parts();
         let key = IdempotencyKey::parse(b"k1").unwrap();
-        let guarded = Guarded { config: config.clone(), grpc: false };
+        let guarded = Guarded { config: config.clone(), grpc: false, started: Instant::now() };
         let run = guarded.run(service.inner.clone(), parts, body, key).instrument(tracing::Span::none());
 
         let fingerprint = Fingerprint::from_bytes([2; 32]);

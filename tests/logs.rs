@@ -63,6 +63,15 @@ async fn every_outcome_is_logged_and_counted_with_the_key_only_hashed() {
     let id = RecordId::new("", &test_scope(), &"secret-order-key-42".parse().unwrap());
     assert!(logs.contains(&id.to_string()), "events name the hashed key");
     assert!(!logs.contains("secret-order-key-42"), "the key leaked into the logs:\n{logs}");
+    // One line per request, at its end, with its status and duration, and
+    // the key once (in the request's span).
+    let lines: Vec<&str> = logs.lines().filter(|line| line.contains("idempotency request")).collect();
+    assert_eq!(lines.len(), 4, "{logs}");
+    for line in &lines {
+        assert!(line.contains("status=") && line.contains("elapsed_ms="), "{line}");
+        assert!(line.matches(&id.to_string()).count() <= 1, "the key twice: {line}");
+    }
+    assert!(lines[0].contains("outcome=\"executed\"") && lines[0].contains("status=201"), "{}", lines[0]);
 }
 
 #[cfg(feature = "redis")]
