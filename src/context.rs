@@ -110,13 +110,21 @@ mod extract {
     use super::IdempotencyContext;
     use crate::{Rejection, RejectionKind};
 
+    const EXTRACTOR_DETAIL: &str = "Send an Idempotency-Key header with this request: its handler takes an \
+                                    IdempotencyContext, and the idempotency layer passes requests without a key \
+                                    through unless it requires one (with_key_required).";
+
     impl<S: Send + Sync> FromRequestParts<S> for IdempotencyContext {
         type Rejection = Response;
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
             parts.extensions.get::<Self>().cloned().ok_or_else(|| {
+                // The layer passed the request through (keys are optional
+                // unless it requires them), so it counted nothing: say so.
+                tracing::debug!(outcome = "rejected", rejection = "missing-key", "IdempotencyContext extractor");
                 let grpc = crate::policy::is_grpc(&parts.headers);
                 Rejection::new(RejectionKind::MissingKey, grpc)
+                    .with_detail(EXTRACTOR_DETAIL)
                     .default_response()
                     .map(axum_core::body::Body::from)
                     .into_response()

@@ -37,19 +37,19 @@ pub struct IdempotencyKey(Box<str>);
 #[non_exhaustive]
 pub enum KeyError {
     /// The key is empty after unquoting.
-    #[error("the idempotency key is empty")]
+    #[error("The idempotency key is empty")]
     Empty,
     /// The key is longer than 255 bytes after unquoting.
-    #[error("the idempotency key is longer than {MAX_KEY_LEN} bytes")]
+    #[error("The idempotency key is longer than {MAX_KEY_LEN} bytes")]
     TooLong,
     /// The key holds a byte outside visible ASCII (0x21–0x7E).
-    #[error("the idempotency key must be visible ASCII (0x21-0x7E)")]
+    #[error("The idempotency key must be visible ASCII (0x21-0x7E)")]
     InvalidCharacter,
     /// A quoted key is not a well-formed structured-field string.
-    #[error("the idempotency key is a malformed quoted string")]
+    #[error("The idempotency key is a malformed quoted string")]
     MalformedQuotes,
     /// The request carries the key header more than once.
-    #[error("the request carries more than one idempotency key field")]
+    #[error("The request carries more than one idempotency key field")]
     Repeated,
 }
 

@@ -33,6 +33,7 @@
 //! |---|---|
 //! | method not guarded (default: not `POST`/`PATCH`), or no key | passed through untouched |
 //! | no key, key required | 400 `missing-key` |
+//! | no key, reaching a handler that takes [`IdempotencyContext`] | 400 `missing-key` from the extractor (not counted) |
 //! | empty, over 255 bytes, non-ASCII, control or space characters, two key fields | 400 `invalid-key` |
 //! | no `Authorization` header (the default scope), or the scope function returns `None` | 400 `missing-scope` |
 //! | body over the cap (default 1 MiB) | 413 `body-too-large`, nothing runs |

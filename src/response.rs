@@ -230,6 +230,8 @@ pub struct Rejection {
     grpc: bool,
     retry_after: Option<Duration>,
     location: Option<HeaderValue>,
+    /// Replaces the kind's own detail.
+    detail: Option<&'static str>,
 }
 
 impl Rejection {
@@ -241,12 +243,18 @@ impl Rejection {
     /// assert!(Rejection::new(RejectionKind::InFlight, true).is_grpc());
     /// ```
     pub fn new(kind: RejectionKind, grpc: bool) -> Self {
-        Self { kind, grpc, retry_after: None, location: None }
+        Self { kind, grpc, retry_after: None, location: None, detail: None }
     }
 
     #[must_use]
     pub(crate) fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
+        self
+    }
+
+    #[must_use]
+    pub(crate) fn with_detail(mut self, detail: &'static str) -> Self {
+        self.detail = Some(detail);
         self
     }
 
@@ -331,7 +339,10 @@ impl Rejection {
         body.push_str(",\"title\":");
         json_string(&mut body, kind.title());
         let _ = write!(body, ",\"status\":{},\"detail\":", kind.status().as_u16());
-        json_string(&mut body, &kind.detail());
+        match self.detail {
+            Some(detail) => json_string(&mut body, detail),
+            None => json_string(&mut body, &kind.detail()),
+        }
         body.push('}');
         let mut response = Response::new(Bytes::from(body));
         *response.status_mut() = kind.status();

@@ -79,7 +79,12 @@ async fn axum_extractor_gives_the_handler_its_context() {
     let answer = read(app.clone().oneshot(charge("order-7", "")).await.unwrap()).await;
     assert_eq!(answer.body, "order-7 1");
     let keyless = Request::post("/charges").body(Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(keyless).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    let refused = read(app.clone().oneshot(keyless).await.unwrap()).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let problem: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(problem["type"], "urn:tower-idempotency:problem:missing-key");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("IdempotencyContext"), "the refusal says it comes from the extractor: {detail}");
     let optional = Request::post("/optional").body(Body::empty()).unwrap();
     assert_eq!(read(app.oneshot(optional).await.unwrap()).await.body, "false");
 }
