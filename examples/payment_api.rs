@@ -26,6 +26,8 @@
 mod logs;
 #[path = "support/payments.rs"]
 mod payments;
+#[path = "support/serve.rs"]
+mod serve;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -141,10 +143,9 @@ async fn serve<St: Store + Clone>(
     let router = payments::router(layer, payments);
     let listener = tokio::net::TcpListener::bind(flags.addr).await?;
     println!("payment_api listening on http://{} ({store}, ledger {})", listener.local_addr()?, flags.ledger.display());
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    serve::serve(listener, router, serve::Limits::default(), shutdown).await;
     Ok(())
 }

@@ -27,6 +27,8 @@
 mod logs;
 #[path = "support/payments.rs"]
 mod payments;
+#[path = "support/serve.rs"]
+mod serve;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -168,7 +170,7 @@ async fn storm(flags: Flags) -> Result<bool, Box<dyn std::error::Error>> {
                 }
                 None => (payments::router(IdempotencyLayer::memory(), payments), "memory store"),
             };
-            tokio::spawn(async move { axum::serve(listener, router).await });
+            tokio::spawn(serve::serve(listener, router, serve::Limits::default(), std::future::pending()));
             let latency = flags.processor_latency.as_millis();
             (format!("http://{addr}"), format!("in-process payment_api on {addr}, {store}, processor {latency} ms"))
         }

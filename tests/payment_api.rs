@@ -5,6 +5,8 @@
 mod common;
 #[path = "../examples/support/payments.rs"]
 mod payments;
+#[path = "../examples/support/serve.rs"]
+mod serve;
 
 use std::{
     net::SocketAddr,
@@ -48,6 +50,15 @@ struct Reply {
 
 impl Api {
     async fn start<St: Store + Clone>(layer: IdempotencyLayer<St>, latency: Duration) -> Self {
+        Self::start_with(layer, latency, serve::Limits::default()).await
+    }
+
+    /// An API served as the example serves it, within `limits`.
+    async fn start_with<St: Store + Clone>(
+        layer: IdempotencyLayer<St>,
+        latency: Duration,
+        limits: serve::Limits,
+    ) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let ledger = std::env::temp_dir().join(format!(
             "tower-idempotency-ledger-{}-{}.sqlite3",
@@ -58,7 +69,7 @@ impl Api {
         let router = payments::router(layer, payments.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        tokio::spawn(serve::serve(listener, router, limits, std::future::pending()));
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self { addr, payments, ledger, client }
     }
@@ -244,3 +255,26 @@ on_each_store!(
     auth_schemes_are_case_insensitive,
     concurrent_duplicates_wait_for_one_charge
 );
+
+#[tokio::test]
+async fn clients_that_send_their_headers_slowly_are_cut_off_and_others_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let limits = serve::Limits { header_read_timeout: Duration::from_millis(300), max_connections: 2 };
+    let api = Api::start_with(IdempotencyLayer::memory(), Duration::ZERO, limits).await;
+    // Two clients take every connection the server serves, and send their
+    // headers a few bytes at a time, never finishing.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+        stream.write_all(b"POST /v1/charges HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    for stream in &mut slow {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a client slow with its headers still holds a connection after 5 s");
+    }
+    let reply = api.charge("sk_a", "after-slow-clients", VISA).await;
+    assert_eq!(reply.status, 200);
+}
