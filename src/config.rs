@@ -36,6 +36,9 @@ pub enum ConfigError {
     /// clocks and stores (Redis's `PX`) can add to now.
     #[error("{0} must be at most ten years")]
     TooLong(&'static str),
+    /// A name (a PostgreSQL table's) is not a plain SQL identifier.
+    #[error("the {0} name must be letters, digits and '_', at most 50 bytes, not starting with a digit")]
+    InvalidName(&'static str),
 }
 
 /// The longest lease, ceiling, retention or timeout a layer accepts: ten

@@ -131,6 +131,26 @@ impl IdempotencyLayer<RedisClusterStore> {
     }
 }
 
+#[cfg(feature = "postgres")]
+impl IdempotencyLayer<crate::store::postgres::PostgresStore> {
+    /// A layer on PostgreSQL, in the table `idempotency_records` (create it
+    /// with [`PostgresStore::migrate`](crate::store::postgres::PostgresStore::migrate)).
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, store::postgres::sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap();
+    /// let layer = IdempotencyLayer::postgres(pool);
+    /// # drop(layer);
+    /// # });
+    /// ```
+    pub fn postgres(pool: sqlx::PgPool) -> Self {
+        Self::new(crate::store::postgres::PostgresStore::new(pool))
+    }
+}
+
 impl<St: Store + Clone> IdempotencyLayer<St> {
     /// A layer over any [`Store`], with the default configuration.
     ///

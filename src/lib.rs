@@ -85,8 +85,8 @@
 //! # Stores
 //!
 //! [`store::MemoryStore`] is built in; `store::redis` holds the Redis and
-//! Redis Cluster stores (feature `redis`); other stores implement
-//! [`store::Store`].
+//! Redis Cluster stores (feature `redis`), `store::postgres` the PostgreSQL
+//! store (feature `postgres`); other stores implement [`store::Store`].
 //!
 //! # Observability
 //!
@@ -102,6 +102,8 @@
 //!   deadpool-redis, and [`IdempotencyLayer::redis`] and
 //!   [`IdempotencyLayer::redis_cluster`].
 //! - `axum` (on by default): [`IdempotencyContext`] as an axum extractor.
+//! - `postgres`: the PostgreSQL store (`store::postgres`), on sqlx, and
+//!   `IdempotencyLayer::postgres`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

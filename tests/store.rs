@@ -21,3 +21,16 @@ mod redis_cluster {
 
     crate::conformance_tests!(async { (RedisStore::new(RedisCluster::shared().pool()), ()) });
 }
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use crate::common::postgres::TestDatabase;
+    use tower_idempotency::store::postgres::PostgresStore;
+
+    crate::conformance_tests!(async {
+        let database = TestDatabase::create().await;
+        let store = PostgresStore::new(database.pool.clone());
+        store.migrate().await.unwrap();
+        (store, database)
+    });
+}

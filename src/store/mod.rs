@@ -20,6 +20,8 @@ use std::{fmt, future::Future, time::Duration};
 use crate::{Fingerprint, Metrics, Record, RecordId};
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -1,0 +1,393 @@
+//! The PostgreSQL store, on a [`sqlx::PgPool`].
+//!
+//! One table (default `idempotency_records`, [`PostgresStore::with_table`]),
+//! created by [`PostgresStore::migrate`] or by your own migrations from
+//! [`PostgresStore::schema`]:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS idempotency_records (
+//!     id BYTEA PRIMARY KEY,          -- the record id (32 bytes)
+//!     owner BYTEA,                   -- the owner token while in flight, NULL once completed
+//!     fencing_token BIGINT NOT NULL, -- from the sequence below
+//!     fingerprint BYTEA NOT NULL,
+//!     record BYTEA,                  -- the completed record's compact encoding
+//!     expires_at TIMESTAMPTZ NOT NULL -- the lease's end, or the retention's
+//! );
+//! CREATE SEQUENCE IF NOT EXISTS idempotency_records_fencing;
+//! CREATE INDEX IF NOT EXISTS idempotency_records_expires_at ON idempotency_records (expires_at);
+//! ```
+//!
+//! Each call is one statement (the queries are the `.sql` files beside
+//! this one): a claim inserts the record or takes over an expired one and
+//! answers what holds it otherwise, in one round trip; complete, release
+//! and renew act only on a live claim of their owner. Times come from the
+//! database's clock (`now()`), never the application's. Fencing tokens come
+//! from one sequence. An expired record acts as absent at once, and a task
+//! the store starts with its first claim deletes expired records in batches
+//! of 1,000 every minute. `Wait` duplicates poll the default way (at most
+//! every 50 ms).
+//!
+//! This is the store on its own: the handler's writes and the record commit
+//! separately. (Committing them in one transaction is the next step of this
+//! store.)
+
+use std::{
+    fmt,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use sqlx::{PgPool, Row, postgres::PgRow};
+
+use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
+use crate::{ConfigError, FencingToken, Fingerprint, Record, RecordId};
+
+pub use sqlx;
+
+/// Expired records deleted per statement by the background purge.
+const PURGE_BATCH: i64 = 1_000;
+/// How often the background purge runs.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// A store on PostgreSQL: every instance of the application that shares the
+/// database shares the records.
+///
+/// # Example
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, store::postgres::{PostgresStore, sqlx::PgPool}};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let pool = PgPool::connect("postgres://postgres@127.0.0.1/app").await.unwrap();
+/// let store = PostgresStore::new(pool);
+/// store.migrate().await.unwrap();
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    table: String,
+    queries: Queries,
+    /// Makes owner tokens unique to this store instance.
+    nonce: u64,
+    claims: AtomicU64,
+    purging: std::sync::Once,
+}
+
+/// The queries, with the table's name in them.
+struct Queries {
+    schema: String,
+    claim: String,
+    complete: String,
+    release: String,
+    renew: String,
+    lookup: String,
+    purge: String,
+}
+
+impl Queries {
+    fn for_table(table: &str) -> Self {
+        let named = |sql: &str| sql.replace("{table}", table);
+        Self {
+            schema: named(include_str!("queries/schema.sql")),
+            claim: named(include_str!("queries/claim.sql")),
+            complete: named(include_str!("queries/complete.sql")),
+            release: named(include_str!("queries/release.sql")),
+            renew: named(include_str!("queries/renew.sql")),
+            lookup: named(include_str!("queries/lookup.sql")),
+            purge: named(include_str!("queries/purge.sql")),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore").field("table", &self.inner.table).finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// A store on `pool`, in the table `idempotency_records`.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap();
+    /// let store = PostgresStore::new(pool);
+    /// # drop(store);
+    /// # });
+    /// ```
+    pub fn new(pool: PgPool) -> Self {
+        Self::in_table(pool, "idempotency_records".to_owned())
+    }
+
+    fn in_table(pool: PgPool, table: String) -> Self {
+        let nonce = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        Self {
+            inner: Arc::new(Inner {
+                queries: Queries::for_table(&table),
+                pool,
+                table,
+                nonce,
+                claims: AtomicU64::new(0),
+                purging: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// Keeps the records in `table`: a plain SQL identifier (letters,
+    /// digits and `_`, at most 50 bytes, not starting with a digit).
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap();
+    /// let store = PostgresStore::new(pool.clone()).with_table("payments_idempotency").unwrap();
+    /// assert!(PostgresStore::new(pool).with_table("records; DROP TABLE x").is_err());
+    /// # });
+    /// ```
+    pub fn with_table(self, table: &str) -> Result<Self, ConfigError> {
+        let plain = table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if table.is_empty() || table.len() > 50 || !plain || table.as_bytes()[0].is_ascii_digit() {
+            return Err(ConfigError::InvalidName("table"));
+        }
+        Ok(Self::in_table(self.inner.pool.clone(), table.to_owned()))
+    }
+
+    /// The SQL that creates the store's table, sequence and index, for
+    /// applications that run their own migrations.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = PostgresStore::new(PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap());
+    /// assert!(store.schema().contains("CREATE TABLE IF NOT EXISTS idempotency_records"));
+    /// # });
+    /// ```
+    pub fn schema(&self) -> &str {
+        &self.inner.queries.schema
+    }
+
+    /// Creates the table, sequence and index if they are missing: safe to
+    /// run at every start.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = PostgresStore::new(PgPool::connect("postgres://postgres@127.0.0.1/app").await.unwrap());
+    /// store.migrate().await.unwrap();
+    /// # });
+    /// ```
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(self.inner.queries.schema.clone()))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(())
+    }
+
+    /// Deletes up to `limit` expired records; returns how many. The store
+    /// does this by itself every minute; call it to purge at other times.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = PostgresStore::new(PgPool::connect("postgres://postgres@127.0.0.1/app").await.unwrap());
+    /// let deleted = store.purge_expired(10_000).await.unwrap();
+    /// # drop(deleted);
+    /// # });
+    /// ```
+    pub async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
+        self.inner.purge(i64::from(limit)).await
+    }
+
+    /// The pool the store runs on.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = PostgresStore::new(PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap());
+    /// assert_eq!(store.pool().size(), 0);
+    /// # });
+    /// ```
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    fn next_owner(&self) -> OwnerToken {
+        let claim = self.inner.claims.fetch_add(1, Ordering::Relaxed);
+        OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(claim))
+    }
+
+    /// Starts the background purge, once, on the runtime of the first claim.
+    fn start_purging(&self) {
+        self.inner.purging.call_once(|| {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+            let inner = Arc::downgrade(&self.inner);
+            runtime.spawn(purge_forever(inner));
+        });
+    }
+
+    /// Runs `sql` (a claim's owner-checked update) and says whether it
+    /// changed the claim.
+    async fn owned(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<(), StoreError> {
+        let done = query.execute(&self.inner.pool).await.map_err(StoreError::unavailable)?;
+        if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
+    }
+}
+
+impl Inner {
+    async fn purge(&self, limit: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(self.queries.purge.as_str()))
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Deletes expired records in batches every [`PURGE_EVERY`], for as long as
+/// the store lives.
+async fn purge_forever(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(PURGE_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        loop {
+            match inner.purge(PURGE_BATCH).await {
+                Ok(deleted) if deleted == PURGE_BATCH as u64 => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "purging expired idempotency records failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| corrupt("fingerprint"))?;
+    Ok(Fingerprint::from_bytes(bytes))
+}
+
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::Corrupt(crate::DecodeError::Malformed(what))
+}
+
+fn fencing_token(row: &PgRow) -> Result<FencingToken, StoreError> {
+    let token: i64 = row.try_get("fencing_token").map_err(StoreError::unavailable)?;
+    Ok(FencingToken::new(u64::try_from(token).map_err(|_| corrupt("fencing token"))?))
+}
+
+fn record_of(row: &PgRow) -> Result<Record, StoreError> {
+    let record: Option<Vec<u8>> = row.try_get("record").map_err(StoreError::unavailable)?;
+    Ok(Record::decode(Bytes::from(record.ok_or_else(|| corrupt("completed record without a record"))?))?)
+}
+
+fn fingerprint_column(row: &PgRow) -> Result<Fingerprint, StoreError> {
+    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(StoreError::unavailable)?;
+    fingerprint_of(&fingerprint)
+}
+
+impl Store for PostgresStore {
+    async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+        self.start_purging();
+        let owner = self.next_owner();
+        let id = request.id();
+        // A claim that raced a concurrent first claim of the same record
+        // finds nothing and goes again; a few tries always settle it.
+        for _ in 0..3 {
+            let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.claim.as_str()))
+                .bind(id.as_bytes().as_slice())
+                .bind(owner.as_u128().to_be_bytes().as_slice())
+                .bind(request.fingerprint().as_bytes().as_slice())
+                .bind(millis(request.lease()))
+                .bind(request.replace_completed())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(StoreError::unavailable)?;
+            let Some(row) = row else { continue };
+            let state: String = row.try_get("state").map_err(StoreError::unavailable)?;
+            return match state.as_str() {
+                "acquired" => Ok(Claim::Acquired(Lease::new(owner, fencing_token(&row)?))),
+                "in_flight" => Ok(Claim::InFlight { fingerprint: fingerprint_column(&row)? }),
+                _ => Ok(Claim::Completed(record_of(&row)?)),
+            };
+        }
+        Err(StoreError::unavailable("a claim found neither the record nor room for it three times"))
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: Record,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let encoded = record.encode();
+        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.complete.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice())
+            .bind(encoded.as_ref())
+            .bind(millis(retention));
+        self.owned(query).await
+    }
+
+    async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.release.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice());
+        self.owned(query).await
+    }
+
+    async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.renew.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice())
+            .bind(millis(lease));
+        self.owned(query).await
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.lookup.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let Some(row) = row else { return Ok(None) };
+        let completed: bool = row.try_get("completed").map_err(StoreError::unavailable)?;
+        if completed {
+            return Ok(Some(RecordState::Completed(record_of(&row)?)));
+        }
+        Ok(Some(RecordState::InFlight { fingerprint: fingerprint_column(&row)?, fencing_token: fencing_token(&row)? }))
+    }
+}
