@@ -214,3 +214,33 @@ proptest! {
         });
     }
 }
+
+#[cfg(feature = "postgres")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn postgres_store_follows_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        use tower_idempotency::store::postgres::{PostgresStore, sqlx};
+
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let database = common::postgres::TestDatabase::create().await;
+            let store = PostgresStore::new(database.pool.clone());
+            store.migrate().await.unwrap();
+            // Expiry is the database's clock: move the leases' ends into the past.
+            let expire = |ids: Vec<RecordId>| {
+                let pool = database.pool.clone();
+                async move {
+                    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+                    sqlx::query("UPDATE idempotency_records SET expires_at = now() - interval '1 second' WHERE id = ANY($1)")
+                        .bind(ids)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
+            };
+            check(&store, fresh_ids(), &ops, expire).await;
+        });
+    }
+}
