@@ -11,7 +11,8 @@
 //!     fencing_token BIGINT NOT NULL, -- from the sequence below
 //!     fingerprint BYTEA NOT NULL,
 //!     record BYTEA,                  -- the completed record's compact encoding
-//!     expires_at TIMESTAMPTZ NOT NULL -- the lease's end, or the retention's
+//!     expires_at TIMESTAMPTZ NOT NULL, -- the lease's end, or the retention's
+//!     waiting BOOLEAN NOT NULL DEFAULT false -- a duplicate waits for a NOTIFY
 //! );
 //! CREATE SEQUENCE IF NOT EXISTS idempotency_records_fencing;
 //! CREATE INDEX IF NOT EXISTS idempotency_records_expires_at ON idempotency_records (expires_at);
@@ -24,8 +25,11 @@
 //! database's clock (`now()`), never the application's. Fencing tokens come
 //! from one sequence. An expired record acts as absent at once, and a task
 //! the store starts with its first claim deletes expired records in batches
-//! of 1,000 every minute. `Wait` duplicates poll the default way (at most
-//! every 50 ms).
+//! of 1,000 every minute. `Wait` duplicates mark the record as waited for
+//! and listen (`LISTEN`, one connection per store): its completion or
+//! release sends a `NOTIFY` only then, so neither waiting nor completing
+//! polls (each wait lasts a second at most, so a notification lost while
+//! the listening connection reconnects costs no more).
 //!
 //! This is the store on its own: the handler's writes and the record commit
 //! separately. (Committing them in one transaction is the next step of this
@@ -43,10 +47,15 @@ use std::{
 use bytes::Bytes;
 use sqlx::{PgPool, Row, postgres::PgRow};
 
+mod waiters;
+
+use self::waiters::{LONGEST_WAIT, Waiters};
 use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
 use crate::{ConfigError, FencingToken, Fingerprint, Record, RecordId};
 
 pub use sqlx;
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// Expired records deleted per statement by the background purge.
 const PURGE_BATCH: i64 = 1_000;
@@ -81,6 +90,7 @@ struct Inner {
     nonce: u64,
     claims: AtomicU64,
     purging: std::sync::Once,
+    waiters: Arc<Waiters>,
 }
 
 /// The queries, with the table's name in them.
@@ -92,6 +102,9 @@ struct Queries {
     renew: String,
     lookup: String,
     purge: String,
+    wait: String,
+    /// The `NOTIFY` channel of completions and releases.
+    channel: String,
 }
 
 impl Queries {
@@ -105,6 +118,8 @@ impl Queries {
             renew: named(include_str!("queries/renew.sql")),
             lookup: named(include_str!("queries/lookup.sql")),
             purge: named(include_str!("queries/purge.sql")),
+            wait: named(include_str!("queries/wait.sql")),
+            channel: format!("{table}_settled"),
         }
     }
 }
@@ -142,6 +157,7 @@ impl PostgresStore {
                 nonce,
                 claims: AtomicU64::new(0),
                 purging: std::sync::Once::new(),
+                waiters: Arc::default(),
             }),
         }
     }
@@ -249,14 +265,17 @@ impl PostgresStore {
         });
     }
 
-    /// Runs `sql` (a claim's owner-checked update) and says whether it
-    /// changed the claim.
-    async fn owned(
-        &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> Result<(), StoreError> {
+    /// Runs an owner-checked update of a claim: done, or not the owner.
+    async fn owned(&self, query: PgQuery<'_>) -> Result<(), StoreError> {
         let done = query.execute(&self.inner.pool).await.map_err(StoreError::unavailable)?;
         if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
+    }
+
+    /// Runs a completion or release, whose one row says whether it was done.
+    async fn settled(&self, query: PgQuery<'_>) -> Result<(), StoreError> {
+        let row = query.fetch_one(&self.inner.pool).await.map_err(StoreError::unavailable)?;
+        let done: i64 = row.try_get("done").map_err(StoreError::unavailable)?;
+        if done == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
     }
 }
 
@@ -359,14 +378,14 @@ impl Store for PostgresStore {
             .bind(owner.as_u128().to_be_bytes().as_slice())
             .bind(encoded.as_ref())
             .bind(millis(retention));
-        self.owned(query).await
+        self.settled(query).await
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
         let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.release.as_str()))
             .bind(id.as_bytes().as_slice())
             .bind(owner.as_u128().to_be_bytes().as_slice());
-        self.owned(query).await
+        self.settled(query).await
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
@@ -389,5 +408,32 @@ impl Store for PostgresStore {
             return Ok(Some(RecordState::Completed(record_of(&row)?)));
         }
         Ok(Some(RecordState::InFlight { fingerprint: fingerprint_column(&row)?, fencing_token: fencing_token(&row)? }))
+    }
+
+    async fn wait(&self, id: &RecordId, timeout: Duration) {
+        let timeout = timeout.min(LONGEST_WAIT);
+        let inner = &self.inner;
+        if inner.waiters.listen(&inner.pool, &inner.queries.channel).await.is_err() {
+            // No listening connection: the caller claims again after a pause.
+            tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
+            return;
+        }
+        // Registered before the record is marked: a completion that follows
+        // cannot be missed.
+        let signal = inner.waiters.signal(id);
+        {
+            let mut woken = std::pin::pin!(signal.notified());
+            woken.as_mut().enable();
+            let marked = sqlx::query(sqlx::AssertSqlSafe(inner.queries.wait.as_str()))
+                .bind(id.as_bytes().as_slice())
+                .execute(&inner.pool)
+                .await;
+            // Not in flight any more (or the store failed): the caller
+            // claims again.
+            if matches!(marked, Ok(done) if done.rows_affected() == 1) {
+                let _ = tokio::time::timeout(timeout, woken).await;
+            }
+        }
+        inner.waiters.done(id, signal);
     }
 }

@@ -8,7 +8,8 @@ WITH claimed AS (
     VALUES ($1, $2, nextval('{table}_fencing'), $3, NULL, now() + $4::float8 * interval '1 millisecond')
     ON CONFLICT (id) DO UPDATE
         SET owner = EXCLUDED.owner, fencing_token = EXCLUDED.fencing_token,
-            fingerprint = EXCLUDED.fingerprint, record = NULL, expires_at = EXCLUDED.expires_at
+            fingerprint = EXCLUDED.fingerprint, record = NULL, expires_at = EXCLUDED.expires_at,
+            waiting = false
         WHERE t.expires_at <= now() OR ($5 AND t.owner IS NULL)
     RETURNING fencing_token
 )

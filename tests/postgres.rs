@@ -1,0 +1,52 @@
+//! The PostgreSQL store under the layer, on the PostgreSQL at
+//! 127.0.0.1:5432: each test in a database of its own.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{postgres::TestDatabase, *};
+use tower_idempotency::{
+    IdempotencyLayer, InFlightPolicy,
+    store::postgres::{PostgresStore, sqlx},
+};
+
+/// Claims made so far: each claim statement takes a fencing token, granted
+/// or not, and a sequence counts at once, outside transactions.
+async fn claims(database: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT last_value FROM idempotency_records_fencing").fetch_one(&database.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_duplicates_listen_instead_of_polling() {
+    let database = TestDatabase::create().await;
+    let store = PostgresStore::new(database.pool.clone());
+    store.migrate().await.unwrap();
+    let layer = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, hold("k")).await }
+    });
+    gate.entered(1).await;
+    let before = claims(&database).await;
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, hold("k")).await })
+        })
+        .collect();
+    // The first request runs on for two seconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gate.open(1);
+    let first = first.await.unwrap();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert!(answer.replayed(), "a waiting duplicate: {}", answer.status);
+        assert_eq!(answer.body, first.body);
+    }
+    assert_eq!(calls.get(), 1);
+    let claims = claims(&database).await - before;
+    assert!(claims <= 8 * 4, "{claims} claims by 8 duplicates waiting 2 s: they poll");
+}
