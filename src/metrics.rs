@@ -181,12 +181,22 @@ pub(crate) fn rejection_label(kind: RejectionKind) -> &'static str {
     }
 }
 
+/// When a guarded request started, for its log line: read from the clock
+/// only when that line will be written.
+pub(crate) fn request_started() -> Option<Instant> {
+    tracing::enabled!(tracing::Level::DEBUG).then(Instant::now)
+}
+
 /// Logs what a guarded request came to, once, when its response (or the
 /// head of a streaming one) is ready; the request's span names its key,
-/// hashed. `started` is when the layer took the request; `status` is
-/// `None` when the inner service failed with an error.
-pub(crate) fn log_request(outcome: &'static str, status: Option<StatusCode>, started: Instant) {
-    let status = status.map(|status| status.as_u16());
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    tracing::debug!(outcome, status, elapsed_ms, "idempotency request");
+/// hashed. `started` is from [`request_started`]; `status` is `None` when
+/// the inner service failed with an error. Nothing is computed unless the
+/// line is written.
+pub(crate) fn log_request(outcome: &'static str, status: Option<StatusCode>, started: Option<Instant>) {
+    tracing::debug!(
+        outcome,
+        status = status.map(|status| status.as_u16()),
+        elapsed_ms = started.map(|started| started.elapsed().as_secs_f64() * 1000.0),
+        "idempotency request"
+    );
 }

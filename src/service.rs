@@ -21,7 +21,7 @@ use crate::{
     body::read_body,
     claim::{HeldClaim, PendingClaim},
     config::{Config, MAX_DURATION},
-    metrics::{log_request, rejection_label},
+    metrics::{log_request, rejection_label, request_started},
     policy::is_grpc,
     recording::{DetachOnDrop, recording_task},
     response::status_location,
@@ -155,7 +155,7 @@ where
         if !config.methods.contains(request.method()) {
             return ResponseFuture::inner(self.inner.call(request.map(RequestBody::inner)));
         }
-        let started = Instant::now();
+        let started = request_started();
         let grpc = is_grpc(request.headers());
         let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
             Ok(Some(key)) => key,
@@ -186,7 +186,7 @@ struct Guarded<St> {
     config: Arc<Config<St>>,
     grpc: bool,
     /// When the layer took the request, for its log line.
-    started: Instant,
+    started: Option<Instant>,
 }
 
 impl<St> Guarded<St> {
@@ -204,7 +204,7 @@ impl<St> Guarded<St> {
 }
 
 /// `response` to a rejection made before the request was guarded, logged.
-fn logged<B>(response: Response<ResponseBody<B>>, started: Instant) -> Response<ResponseBody<B>> {
+fn logged<B>(response: Response<ResponseBody<B>>, started: Option<Instant>) -> Response<ResponseBody<B>> {
     log_request(Outcome::Rejected.as_str(), Some(response.status()), started);
     response
 }
@@ -423,7 +423,7 @@ mod tests {
         let config = service.config.clone();
         let (parts, body) = Request::post("/").body(axum::body::Body::empty()).unwrap().into_parts();
         let key = IdempotencyKey::parse(b"k1").unwrap();
-        let guarded = Guarded { config: config.clone(), grpc: false, started: Instant::now() };
+        let guarded = Guarded { config: config.clone(), grpc: false, started: None };
         let run = guarded.run(service.inner.clone(), parts, body, key).instrument(tracing::Span::none());
 
         let fingerprint = Fingerprint::from_bytes([2; 32]);
