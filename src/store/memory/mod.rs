@@ -199,6 +199,20 @@ mod tests {
         assert_eq!(store.bytes(), ENTRY_OVERHEAD + record(500).encoded_len());
     }
 
+    #[tokio::test]
+    async fn a_record_that_cannot_fit_drops_nothing_in_vain() {
+        let store = MemoryStore::with_limits(10, 3 * IN_FLIGHT_SIZE + 1_500);
+        let Ok(Claim::Acquired(first)) = store.claim(request(1)).await else { panic!() };
+        store.complete(&request(1).id(), first.owner(), record(500), Duration::from_secs(60)).await.unwrap();
+        let Ok(Claim::Acquired(second)) = store.claim(request(2)).await else { panic!() };
+        let huge = store.complete(&request(2).id(), second.owner(), record(10_000), Duration::from_secs(60)).await;
+        assert!(matches!(huge, Err(StoreError::Full)));
+        assert!(
+            matches!(store.claim(request(1)).await, Ok(Claim::Completed(_))),
+            "a record that could never fit must not cost the others their place"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn expired_records_free_their_room() {
         let store = MemoryStore::with_limits(1, usize::MAX);

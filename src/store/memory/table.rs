@@ -207,9 +207,15 @@ impl Inner {
             let sizes = shard.entries.iter().filter(|entry| matches!(entry.state, State::Completed(_)));
             completed.extend(sizes.map(|entry| (entry.expires_at, entry.size())));
         }
+        let needed_entries = (self.len() + entries).saturating_sub(self.max_entries);
+        let needed_bytes = (self.bytes() + bytes).saturating_sub(self.max_bytes);
+        // What dropping every completed record would not make fit drops none.
+        if completed.len() < needed_entries || completed.iter().map(|(_, size)| size).sum::<usize>() < needed_bytes {
+            return false;
+        }
         completed.sort_unstable();
-        let entries_to_free = (self.len() + entries).saturating_sub(self.max_entries) + self.max_entries / 32;
-        let bytes_to_free = (self.bytes() + bytes).saturating_sub(self.max_bytes) + self.max_bytes / 32;
+        let entries_to_free = needed_entries + self.max_entries / 32;
+        let bytes_to_free = needed_bytes + self.max_bytes / 32;
         let (mut freed_entries, mut freed_bytes, mut cutoff) = (0, 0, None);
         for (expires_at, size) in completed {
             if freed_entries >= entries_to_free && freed_bytes >= bytes_to_free {
