@@ -38,12 +38,7 @@ async fn rerun_with_wait_replays_the_first_answer_to_a_waiting_duplicate() {
         .with_completed(CompletedStrategy::Rerun)
         .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
     let (app, gate, calls) = gated(&layer);
-    let first = tokio::spawn(send_owned(app.clone(), hold("k")));
-    gate.entered(1).await;
-    let waiter = tokio::spawn(send_owned(app.clone(), hold("k")));
-    store.claims_reached(2).await;
-    gate.open(2);
-    let (first, waiter) = (first.await.unwrap(), waiter.await.unwrap());
+    let (first, waiter) = first_then_waiting_duplicate(&app, &gate, &store, "k").await;
     assert!(waiter.replayed(), "a concurrent duplicate waits for the first answer: {}", waiter.status);
     assert_eq!(waiter.body, first.body);
     assert_eq!(calls.get(), 1);

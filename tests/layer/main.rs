@@ -88,6 +88,18 @@ struct Slowed {
     landed: std::sync::Arc<tokio::sync::Notify>,
 }
 
+/// Sends a request for `key` that `gate` holds in the handler, then a
+/// duplicate, lets both through once the duplicate's claim reached `store`,
+/// and returns both answers.
+async fn first_then_waiting_duplicate(app: &App, gate: &Gate, store: &Slowed, key: &str) -> (Answer, Answer) {
+    let first = tokio::spawn(send_owned(app.clone(), hold(key)));
+    gate.entered(1).await;
+    let duplicate = tokio::spawn(send_owned(app.clone(), hold(key)));
+    store.claims_reached(2).await;
+    gate.open(2);
+    (first.await.unwrap(), duplicate.await.unwrap())
+}
+
 impl Slowed {
     /// Lets other tasks run until `n` claims have reached the store.
     async fn claims_reached(&self, n: usize) {

@@ -127,13 +127,8 @@ async fn fail_open_never_runs_a_request_the_store_already_called_in_flight() {
         .with_failure_mode(FailureMode::FailOpen)
         .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
     let (app, gate, calls) = gated(&layer);
-    let first = tokio::spawn(send_owned(app.clone(), hold("k")));
-    gate.entered(1).await;
-    let duplicate = tokio::spawn(send_owned(app.clone(), hold("k")));
-    store.claims_reached(2).await;
-    gate.open(2);
-    assert_eq!(first.await.unwrap().status, 201);
-    let duplicate = duplicate.await.unwrap();
+    let (first, duplicate) = first_then_waiting_duplicate(&app, &gate, &store, "k").await;
+    assert_eq!(first.status, 201);
     assert_eq!((duplicate.status.as_u16(), duplicate.problem().as_str()), (503, "store-unavailable"));
     assert_eq!(calls.get(), 1, "the store had said in flight: the duplicate must not run unguarded");
 }
