@@ -63,6 +63,27 @@ impl OwnerToken {
     }
 }
 
+/// Owner tokens for a store shared by processes (Redis, PostgreSQL): a
+/// random nonce of this source, then a count of its claims, so no two claims
+/// anywhere share one.
+pub(crate) struct OwnerTokens {
+    nonce: u64,
+    claims: std::sync::atomic::AtomicU64,
+}
+
+impl OwnerTokens {
+    /// A source with a nonce of its own.
+    pub(crate) fn new() -> Self {
+        let nonce = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        Self { nonce, claims: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    pub(crate) fn next(&self) -> OwnerToken {
+        let claim = self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OwnerToken::from_u128((u128::from(self.nonce) << 64) | u128::from(claim))
+    }
+}
+
 impl fmt::Debug for OwnerToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "OwnerToken({:032x})", self.0)

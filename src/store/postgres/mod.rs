@@ -37,10 +37,7 @@
 
 use std::{
     fmt,
-    sync::{
-        Arc, Weak,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Weak},
     time::Duration,
 };
 
@@ -50,7 +47,7 @@ use sqlx::{PgPool, Row, postgres::PgRow};
 mod waiters;
 
 use self::waiters::{LONGEST_WAIT, Waiters};
-use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
+use super::{Claim, ClaimRequest, Lease, OwnerToken, OwnerTokens, RecordState, Store, StoreError};
 use crate::{ConfigError, FencingToken, Fingerprint, Record, RecordId};
 
 pub use sqlx;
@@ -86,9 +83,7 @@ struct Inner {
     pool: PgPool,
     table: String,
     queries: Queries,
-    /// Makes owner tokens unique to this store instance.
-    nonce: u64,
-    claims: AtomicU64,
+    owners: OwnerTokens,
     purging: std::sync::Once,
     waiters: Arc<Waiters>,
 }
@@ -148,14 +143,12 @@ impl PostgresStore {
     }
 
     fn in_table(pool: PgPool, table: String) -> Self {
-        let nonce = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         Self {
             inner: Arc::new(Inner {
                 queries: Queries::for_table(&table),
                 pool,
                 table,
-                nonce,
-                claims: AtomicU64::new(0),
+                owners: OwnerTokens::new(),
                 purging: std::sync::Once::new(),
                 waiters: Arc::default(),
             }),
@@ -252,8 +245,7 @@ impl PostgresStore {
     }
 
     fn next_owner(&self) -> OwnerToken {
-        let claim = self.inner.claims.fetch_add(1, Ordering::Relaxed);
-        OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(claim))
+        self.inner.owners.next()
     }
 
     /// Starts the background purge, once, on the runtime of the first claim.

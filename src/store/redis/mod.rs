@@ -45,14 +45,7 @@ mod pool;
 mod script;
 mod waiters;
 
-use std::{
-    fmt,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
@@ -63,7 +56,7 @@ use self::{
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
     waiters::Waiters,
 };
-use super::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError};
+use super::{Claim, ClaimRequest, Lease, OwnerToken, OwnerTokens, RecordState, Store, StoreError};
 use crate::{FencingToken, Fingerprint, Record, RecordId};
 
 pub use self::pool::RedisPool;
@@ -101,11 +94,7 @@ pub type RedisClusterStore = RedisStore<deadpool_redis::cluster::Pool>;
 struct Inner {
     prefix: String,
     replicas: Option<(u32, Duration)>,
-    /// Makes owner tokens unique to this store instance (see
-    /// [`RedisStore::next_owner`]).
-    nonce: u64,
-    /// Claims made so far, for owner tokens.
-    claims: AtomicU64,
+    owners: OwnerTokens,
     waiters: Waiters,
 }
 
@@ -143,8 +132,7 @@ impl<P: RedisPool> RedisStore<P> {
             inner: Arc::new(Inner {
                 prefix: "idem:".to_owned(),
                 replicas: None,
-                nonce: fresh_nonce(),
-                claims: AtomicU64::new(0),
+                owners: OwnerTokens::new(),
                 waiters: Waiters::default(),
             }),
             connection: SharedConnection::default(),
@@ -161,8 +149,7 @@ impl<P: RedisPool> RedisStore<P> {
                     // A nonce of its own: sharing one with the store it was
                     // copied from, with a count of its own, would hand out
                     // the same owner tokens twice.
-                    nonce: fresh_nonce(),
-                    claims: AtomicU64::new(0),
+                    owners: OwnerTokens::new(),
                     waiters: Waiters::default(),
                 };
                 f(&mut inner);
@@ -250,11 +237,8 @@ impl<P: RedisPool> RedisStore<P> {
         Key::new(&self.inner.prefix, id, kind)
     }
 
-    /// A new owner token: this store's random nonce, then a count of its
-    /// claims, so no two claims anywhere share one.
     fn next_owner(&self) -> OwnerToken {
-        let claim = self.inner.claims.fetch_add(1, Ordering::Relaxed);
-        OwnerToken::from_u128((u128::from(self.inner.nonce) << 64) | u128::from(claim))
+        self.inner.owners.next()
     }
 
     /// Runs `script`: by its SHA-1, and in full when the server does not
@@ -324,11 +308,6 @@ enum Replicate {
 
 fn acquired(reply: &Value) -> bool {
     matches!(reply, Value::Int(_))
-}
-
-/// A random 64-bit number, for [`Inner::nonce`].
-fn fresh_nonce() -> u64 {
-    std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8)
 }
 
 fn unexpected(value: &Value) -> StoreError {
