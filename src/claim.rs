@@ -259,6 +259,20 @@ impl<St: Store> HeldClaim<St> {
         }
     }
 
+    /// Completes the claim once, with no retry, for a store that commits
+    /// the inner service's writes with the record: a failed commit kept
+    /// nothing, so the claim is given back and a retry runs again (a commit
+    /// that landed after all left a record, which a release leaves alone).
+    pub(crate) async fn commit(&mut self, record: Record) -> Result<(), StoreError> {
+        (self.settled, self.renewing, self.renewal) = (true, false, None);
+        let committed = self.complete(record).await;
+        if let Err(error) = &committed {
+            self.config.metrics.store_failed(&self.id, "commit", error);
+            Box::pin(self.config.release(&self.id, self.owner)).await;
+        }
+        committed
+    }
+
     /// Not an `async fn`: see BENCHMARKS.md, "Future sizes".
     fn complete(&self, record: Record) -> impl Future<Output = Result<(), StoreError>> + '_ {
         let config = &self.config;

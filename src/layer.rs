@@ -133,8 +133,14 @@ impl IdempotencyLayer<RedisClusterStore> {
 
 #[cfg(feature = "postgres")]
 impl IdempotencyLayer<crate::store::postgres::PostgresStore> {
-    /// A layer on PostgreSQL, in the table `idempotency_records` (create it
-    /// with [`PostgresStore::migrate`](crate::store::postgres::PostgresStore::migrate)).
+    /// A layer on PostgreSQL in transactional mode, in the table
+    /// `idempotency_records` (create it with
+    /// [`PostgresStore::migrate`](crate::store::postgres::PostgresStore::migrate)):
+    /// each guarded request writes in its
+    /// [`RequestTransaction`](crate::store::postgres::RequestTransaction),
+    /// which commits with its record before the client gets the response.
+    /// `IdempotencyLayer::new(PostgresStore::new(pool))` keeps records
+    /// without transactions.
     ///
     /// # Example
     /// ```
@@ -147,7 +153,7 @@ impl IdempotencyLayer<crate::store::postgres::PostgresStore> {
     /// # });
     /// ```
     pub fn postgres(pool: sqlx::PgPool) -> Self {
-        Self::new(crate::store::postgres::PostgresStore::new(pool))
+        Self::new(crate::store::postgres::PostgresStore::transactional(pool))
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{IdempotencyKey, KeyError, NotStored, ResponseBody};
 /// | `StoreUnavailable` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 /// | `StoreFull` | 503 + `Retry-After` | `RESOURCE_EXHAUSTED` (8) |
 /// | `HandlerPanicked` | 500 | `INTERNAL` (13) |
+/// | `NotCommitted` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 ///
 /// # Example
 /// ```
@@ -67,6 +68,10 @@ pub enum RejectionKind {
     StoreFull,
     /// The inner service panicked; its claim was released.
     HandlerPanicked,
+    /// The request's database transaction did not commit (a transactional
+    /// store: a serialization failure, a deadlock, the database gone): nothing
+    /// it wrote was kept and its key was given back.
+    NotCommitted,
 }
 
 impl RejectionKind {
@@ -86,7 +91,7 @@ impl RejectionKind {
             Self::InFlight | Self::KeyAlreadyUsed => StatusCode::CONFLICT,
             Self::InFlightAccepted => StatusCode::ACCEPTED,
             Self::ResponseNotStored(_) => StatusCode::GONE,
-            Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull | Self::NotCommitted => StatusCode::SERVICE_UNAVAILABLE,
             Self::HandlerPanicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,7 +112,7 @@ impl RejectionKind {
             Self::InFlight | Self::InFlightAccepted => 10,
             Self::KeyAlreadyUsed => 6,
             Self::ResponseNotStored(_) => 9,
-            Self::StoreUnavailable => 14,
+            Self::StoreUnavailable | Self::NotCommitted => 14,
             Self::StoreFull => 8,
             Self::HandlerPanicked => 13,
         }
@@ -136,6 +141,7 @@ impl RejectionKind {
             Self::StoreUnavailable => "urn:tower-idempotency:problem:store-unavailable",
             Self::StoreFull => "urn:tower-idempotency:problem:store-full",
             Self::HandlerPanicked => "urn:tower-idempotency:problem:handler-panicked",
+            Self::NotCommitted => "urn:tower-idempotency:problem:not-committed",
         }
     }
 
@@ -162,6 +168,7 @@ impl RejectionKind {
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::StoreFull => "Idempotency store full",
             Self::HandlerPanicked => "The request failed",
+            Self::NotCommitted => "The request's transaction did not commit",
         }
     }
 
@@ -209,6 +216,9 @@ impl RejectionKind {
                     .into()
             }
             Self::HandlerPanicked => "The request failed on the server; it may be retried with the same key.".into(),
+            Self::NotCommitted => "The request's database transaction did not commit, so nothing it did was kept; \
+                                   retry it with the same key."
+                .into(),
         }
     }
 }
@@ -271,7 +281,8 @@ impl Rejection {
             RejectionKind::InFlight
             | RejectionKind::InFlightAccepted
             | RejectionKind::StoreUnavailable
-            | RejectionKind::StoreFull => self.with_retry_after(retry_after),
+            | RejectionKind::StoreFull
+            | RejectionKind::NotCommitted => self.with_retry_after(retry_after),
             _ => self,
         };
         responder.respond(&rejection).map(ResponseBody::full)
@@ -490,6 +501,7 @@ mod tests {
             RejectionKind::StoreUnavailable,
             RejectionKind::StoreFull,
             RejectionKind::HandlerPanicked,
+            RejectionKind::NotCommitted,
         ];
         let types: std::collections::HashSet<_> = kinds.iter().map(RejectionKind::problem_type).collect();
         assert_eq!(types.len(), kinds.len());

@@ -368,6 +368,7 @@ impl<St: Store> Guarded<St> {
         let Identity { key, scope, id, fingerprint } = identity;
         self.config.metrics.count(Outcome::Executed);
         request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, lease.fencing_token()));
+        self.config.store.attach(&lease, request.extensions_mut());
         let claim = HeldClaim::new(self.config.clone(), id, lease.owner(), fingerprint);
         let (answer, mut answered) = oneshot::channel();
         // A panic in the inner service's `call` itself is caught here; one

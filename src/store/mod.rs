@@ -441,6 +441,24 @@ pub trait Store: Send + Sync + 'static {
         let _ = metrics;
     }
 
+    /// Adds to an executing request's extensions what its inner service
+    /// needs of the claim `lease`: a transactional
+    /// [`PostgresStore`](postgres::PostgresStore) adds the request's
+    /// transaction. The default adds nothing.
+    fn attach(&self, lease: &Lease, extensions: &mut http::Extensions) {
+        let _ = (lease, extensions);
+    }
+
+    /// Whether [`Store::complete`] commits the inner service's own writes
+    /// with the record, and [`Store::release`] rolls them back (a
+    /// transactional store). The layer then completes before the client
+    /// gets any of the response, and when the completion fails it answers
+    /// [`RejectionKind::NotCommitted`](crate::RejectionKind::NotCommitted)
+    /// instead: nothing the request wrote was kept. The default is `false`.
+    fn commits_handler_writes(&self) -> bool {
+        false
+    }
+
     /// Returns when the record may have left the in-flight state, or after
     /// `timeout`. The caller then claims again to learn what happened.
     ///

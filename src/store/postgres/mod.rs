@@ -31,9 +31,52 @@
 //! polls (each wait lasts a second at most, so a notification lost while
 //! the listening connection reconnects costs no more).
 //!
-//! This is the store on its own: the handler's writes and the record commit
-//! separately. (Committing them in one transaction is the next step of this
-//! store.)
+//! # Transactional mode
+//!
+//! [`PostgresStore::transactional`] (what [`IdempotencyLayer::postgres`](crate::IdempotencyLayer::postgres)
+//! builds) closes the window every other store leaves open: the handler
+//! commits its business write, the process dies before the record is
+//! written, and the retry runs the handler again. Here the request gets a
+//! transaction ([`RequestTransaction`], an axum extractor and a request
+//! extension) and writes in it; when the inner service answers, the store
+//! writes the completed record in that same transaction, checks there that
+//! the claim is still its own, and commits, and only then does the client
+//! get the response. So:
+//!
+//! - a response that is not stored (5xx, 408, 425, 429, or what the storage
+//!   rule refuses), an inner service's error or a panic rolls the
+//!   transaction back and gives the key back;
+//! - the response body is kept up to the storage cap before the commit; a
+//!   body over the cap commits with a record that says so (`410` to
+//!   duplicates), and a body that fails commits as failed: the writes stand
+//!   and the key never runs again;
+//! - a commit that fails (a serialization failure, a deadlock, the database
+//!   gone) keeps nothing and answers
+//!   [`NotCommitted`](crate::RejectionKind::NotCommitted), `503` with
+//!   `Retry-After`: the retry runs again;
+//! - a stale owner's commit fails its owner check, and its writes roll back.
+//!
+//! The claim's liveness follows the owner's database session, not only its
+//! lease. The claim statement takes a session-level advisory lock on the
+//! record (one 64-bit key from the record id and the table's name) in the
+//! same statement that writes the in-flight record, and the request's
+//! `BEGIN` turns it into a transaction-level lock of the same key, held
+//! until the commit or rollback. A process that dies before its commit
+//! loses its session, so PostgreSQL rolls its writes back and frees the
+//! lock; the next claim of the key finds the record in flight with its lock
+//! free and takes it over at once, without waiting for the lease. A process
+//! that dies after the commit left a completed record: the retry gets the
+//! replay. Duplicates that find the lock held see the record in flight with
+//! its fingerprint (`422` still beats `409`). Advisory locks share one key
+//! space per database: an application's own advisory locks are unlikely to
+//! meet these keys, but may.
+//!
+//! A first execution costs these round trips besides the handler's own: the
+//! claim (one statement), `BEGIN` (with the lock's hand-over), the record's
+//! update and the `COMMIT`. The transaction holds one pool connection for
+//! as long as the handler runs: size the pool for the requests in flight.
+//! Transactions run at the database's default isolation (`READ
+//! COMMITTED`).
 
 use std::{
     fmt,
@@ -44,9 +87,14 @@ use std::{
 use bytes::Bytes;
 use sqlx::{PgPool, Row, postgres::PgRow};
 
+mod transaction;
 mod waiters;
 
-use self::waiters::{LONGEST_WAIT, Waiters};
+pub use self::transaction::{RequestTransaction, TransactionEnded, TransactionGuard};
+use self::{
+    transaction::OpenTransactions,
+    waiters::{LONGEST_WAIT, Waiters},
+};
 use super::{Claim, ClaimRequest, Lease, OwnerToken, OwnerTokens, RecordState, Store, StoreError};
 use crate::{ConfigError, FencingToken, Fingerprint, Record, RecordId};
 
@@ -83,6 +131,11 @@ struct Inner {
     pool: PgPool,
     table: String,
     queries: Queries,
+    /// Transactional mode: the executing claims' transactions.
+    transactions: Option<OpenTransactions>,
+    /// Mixed into every advisory lock key, so that two tables' records
+    /// never share one.
+    lock_salt: i64,
     owners: OwnerTokens,
     purging: std::sync::Once,
     waiters: Arc<Waiters>,
@@ -92,6 +145,7 @@ struct Inner {
 struct Queries {
     schema: String,
     claim: String,
+    claim_session: String,
     complete: String,
     release: String,
     renew: String,
@@ -108,6 +162,7 @@ impl Queries {
         Self {
             schema: named(include_str!("queries/schema.sql")),
             claim: named(include_str!("queries/claim.sql")),
+            claim_session: named(include_str!("queries/claim_session.sql")),
             complete: named(include_str!("queries/complete.sql")),
             release: named(include_str!("queries/release.sql")),
             renew: named(include_str!("queries/renew.sql")),
@@ -121,7 +176,10 @@ impl Queries {
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore").field("table", &self.inner.table).finish_non_exhaustive()
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table)
+            .field("transactional", &self.inner.transactions.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,13 +197,35 @@ impl PostgresStore {
     /// # });
     /// ```
     pub fn new(pool: PgPool) -> Self {
-        Self::in_table(pool, "idempotency_records".to_owned())
+        Self::in_table(pool, "idempotency_records".to_owned(), false)
     }
 
-    fn in_table(pool: PgPool, table: String) -> Self {
+    /// A store on `pool` in transactional mode (see the module docs): each
+    /// guarded request gets a [`RequestTransaction`], and its record commits
+    /// in it. [`IdempotencyLayer::postgres`](crate::IdempotencyLayer::postgres) builds one.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, store::postgres::{PostgresStore, sqlx::PgPool}};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap();
+    /// let layer = IdempotencyLayer::new(PostgresStore::transactional(pool));
+    /// # drop(layer);
+    /// # });
+    /// ```
+    pub fn transactional(pool: PgPool) -> Self {
+        Self::in_table(pool, "idempotency_records".to_owned(), true)
+    }
+
+    fn in_table(pool: PgPool, table: String, transactional: bool) -> Self {
+        let salt = <sha2::Sha256 as sha2::Digest>::digest(table.as_bytes());
+        let lock_salt = i64::from_be_bytes(std::array::from_fn(|i| salt[i]));
         Self {
             inner: Arc::new(Inner {
                 queries: Queries::for_table(&table),
+                transactions: transactional.then(OpenTransactions::default),
+                lock_salt,
                 pool,
                 table,
                 owners: OwnerTokens::new(),
@@ -173,7 +253,8 @@ impl PostgresStore {
         if table.is_empty() || table.len() > 50 || !plain || table.as_bytes()[0].is_ascii_digit() {
             return Err(ConfigError::InvalidName("table"));
         }
-        Ok(Self::in_table(self.inner.pool.clone(), table.to_owned()))
+        let transactional = self.inner.transactions.is_some();
+        Ok(Self::in_table(self.inner.pool.clone(), table.to_owned(), transactional))
     }
 
     /// The SQL that creates the store's table, sequence and index, for
@@ -329,9 +410,110 @@ fn fingerprint_column(row: &PgRow) -> Result<Fingerprint, StoreError> {
     fingerprint_of(&fingerprint)
 }
 
+impl PostgresStore {
+    /// The advisory lock key of `id`'s claims in transactional mode.
+    fn lock_key(&self, id: &RecordId) -> i64 {
+        let bytes = id.as_bytes();
+        i64::from_be_bytes(std::array::from_fn(|i| bytes[i])) ^ self.inner.lock_salt
+    }
+
+    /// A claim in transactional mode: on a connection of its own, which
+    /// holds the record's lock from the claim statement on and, when the
+    /// claim is granted, carries the request's transaction.
+    async fn claim_in_session(&self, request: ClaimRequest, transactions: &OpenTransactions) -> Result<Claim, StoreError> {
+        let owner = self.next_owner();
+        let id = request.id();
+        let lock = self.lock_key(&id);
+        let mut connection = self.inner.pool.acquire().await.map_err(StoreError::unavailable)?;
+        // The lock or the record was busy for a moment (a concurrent claim or
+        // release): a few tries settle it.
+        for _ in 0..5 {
+            let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.claim_session.as_str()))
+                .bind(id.as_bytes().as_slice())
+                .bind(owner.as_u128().to_be_bytes().as_slice())
+                .bind(request.fingerprint().as_bytes().as_slice())
+                .bind(millis(request.lease()))
+                .bind(request.replace_completed())
+                .bind(lock)
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(StoreError::unavailable)?;
+            let state: Option<String> = row.try_get("state").map_err(StoreError::unavailable)?;
+            return match state.as_deref() {
+                None => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                Some("acquired") => {
+                    let lease = Lease::new(owner, fencing_token(&row)?);
+                    // The session's lock becomes the transaction's: it goes
+                    // with the commit, the rollback or the session.
+                    let begin = format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock({lock}); SELECT pg_advisory_unlock({lock})"
+                    );
+                    let begin = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin));
+                    match sqlx::Transaction::begin(connection, Some(begin)).await {
+                        Ok(transaction) => {
+                            transactions.open(owner, transaction);
+                            Ok(Claim::Acquired(lease))
+                        }
+                        Err(error) => {
+                            let _ = self.release_row(&id, owner).await;
+                            Err(StoreError::unavailable(error))
+                        }
+                    }
+                }
+                Some("in_flight") => Ok(Claim::InFlight { fingerprint: fingerprint_column(&row)? }),
+                Some(_) => Ok(Claim::Completed(record_of(&row)?)),
+            };
+        }
+        Err(StoreError::unavailable("a claim found the record's lock busy and no record five times"))
+    }
+
+    /// Completes a claim in its request's transaction, and commits.
+    async fn commit(
+        &self,
+        transaction: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: &[u8],
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let Some(mut transaction) = transaction else {
+            return Err(StoreError::unavailable("the request's transaction was ended by its handler"));
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.complete.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice())
+            .bind(record)
+            .bind(millis(retention))
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let done: i64 = row.try_get("done").map_err(StoreError::unavailable)?;
+        if done != 1 {
+            // Another owner holds the key: nothing this request wrote stays.
+            let _ = transaction.rollback().await;
+            return Err(StoreError::NotOwner);
+        }
+        transaction.commit().await.map_err(StoreError::unavailable)
+    }
+
+    /// Deletes the in-flight record of `owner`.
+    async fn release_row(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.release.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice());
+        self.settled(query).await
+    }
+}
+
 impl Store for PostgresStore {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
         self.start_purging();
+        if let Some(transactions) = &self.inner.transactions {
+            return self.claim_in_session(request, transactions).await;
+        }
         let owner = self.next_owner();
         let id = request.id();
         // A claim that raced a concurrent first claim of the same record
@@ -365,6 +547,11 @@ impl Store for PostgresStore {
         retention: Duration,
     ) -> Result<(), StoreError> {
         let encoded = record.encode();
+        if let Some(transactions) = &self.inner.transactions
+            && let Some(transaction) = transactions.take(owner).await
+        {
+            return self.commit(transaction, id, owner, &encoded, retention).await;
+        }
         let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.complete.as_str()))
             .bind(id.as_bytes().as_slice())
             .bind(owner.as_u128().to_be_bytes().as_slice())
@@ -374,10 +561,21 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.release.as_str()))
-            .bind(id.as_bytes().as_slice())
-            .bind(owner.as_u128().to_be_bytes().as_slice());
-        self.settled(query).await
+        if let Some(transaction) = self.inner.transactions.as_ref().and_then(|open| open.try_take(owner)) {
+            // Ends the transaction and frees the lock; a failure here ended it too.
+            let _ = transaction.rollback().await;
+        }
+        self.release_row(id, owner).await
+    }
+
+    fn attach(&self, lease: &Lease, extensions: &mut http::Extensions) {
+        if let Some(transaction) = self.inner.transactions.as_ref().and_then(|open| open.get(lease.owner())) {
+            extensions.insert(transaction);
+        }
+    }
+
+    fn commits_handler_writes(&self) -> bool {
+        self.inner.transactions.is_some()
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {

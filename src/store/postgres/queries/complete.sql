@@ -1,9 +1,10 @@
 -- Completes a live claim of owner $2 with record $3, kept for $4 ms; wakes
--- the duplicates waiting for it. `done` is 1, or 0 for another owner.
+-- the duplicates waiting for it. `done` is 1, or 0 for another owner. The
+-- clock is read now, not at the start of a transaction this may end.
 WITH done AS (
     UPDATE {table}
-    SET owner = NULL, record = $3, expires_at = now() + $4::float8 * interval '1 millisecond'
-    WHERE id = $1 AND owner = $2 AND expires_at > now()
+    SET owner = NULL, record = $3, expires_at = clock_timestamp() + $4::float8 * interval '1 millisecond'
+    WHERE id = $1 AND owner = $2 AND expires_at > clock_timestamp()
     RETURNING id, waiting
 )
 SELECT (SELECT count(*) FROM done) AS done,

@@ -1,0 +1,311 @@
+//! The PostgreSQL store in transactional mode: the handler's writes and the
+//! record commit together, or not at all. Each test in a database of its
+//! own on the PostgreSQL at 127.0.0.1:5432.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{postgres::TestDatabase, *};
+use http::Request;
+use tower_idempotency::{
+    IdempotencyLayer, InFlightPolicy,
+    store::{
+        Claim, ClaimRequest, Store, StoreError,
+        postgres::{PostgresStore, RequestTransaction, sqlx},
+    },
+};
+
+/// What the test handler does after it wrote its charge, by the request's
+/// path.
+const PATHS: &str = "/charge: 201 | /fail: 500 | /panic: panics | /hold: waits at the gate, then 201 | \
+                     /large: 201 with a 4 KiB body | /aborted: its statement fails, then 201 anyway";
+
+/// A transactional layer on a fresh database with a `charges` table.
+async fn setup() -> (TestDatabase, IdempotencyLayer<PostgresStore>) {
+    let database = TestDatabase::create().await;
+    let store = PostgresStore::transactional(database.pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL, backend INT NOT NULL)")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    (database, IdempotencyLayer::new(store))
+}
+
+/// The handler: inserts a charge in the request's transaction, then acts
+/// as `PATHS` says. The gate also learns the backend of a held request.
+fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio::sync::mpsc::UnboundedReceiver<i32>) {
+    let gate = Gate::default();
+    let (backends, held_backends) = tokio::sync::mpsc::unbounded_channel();
+    let held = gate.clone();
+    let (app, calls) = counted(layer, move |n, request: HandlerRequest| {
+        let (held, backends) = (held.clone(), backends.clone());
+        async move {
+            let transaction = request.extensions().get::<RequestTransaction>().expect("a request transaction").clone();
+            let path = request.uri().path().to_owned();
+            let backend: i32 = {
+                let mut connection = transaction.lock().await.unwrap();
+                sqlx::query_scalar("INSERT INTO charges (n, backend) VALUES ($1, pg_backend_pid()) RETURNING backend")
+                    .bind(n as i64)
+                    .fetch_one(&mut *connection)
+                    .await
+                    .unwrap()
+            };
+            match path.as_str() {
+                "/fail" => respond(500, "processor down"),
+                "/panic" => panic!("crash after charging"),
+                "/hold" => {
+                    let _ = backends.send(backend);
+                    held.pass().await;
+                    respond(201, format!("charge {n}"))
+                }
+                "/large" => respond(201, "x".repeat(4096)),
+                "/aborted" => {
+                    let mut connection = transaction.lock().await.unwrap();
+                    let failed = sqlx::raw_sql("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'serialization_failure'; END $$")
+                        .execute(&mut *connection)
+                        .await;
+                    assert!(failed.is_err());
+                    respond(201, format!("charge {n}"))
+                }
+                "/charge" => respond(201, format!("charge {n}")),
+                other => panic!("{other}: the test handler knows {PATHS}"),
+            }
+        }
+    });
+    (app, gate, calls, held_backends)
+}
+
+fn request(path: &str, key: &str, body: &'static str) -> Request<http_body_util::Full<bytes::Bytes>> {
+    let mut request = post(Some(key), body);
+    *request.uri_mut() = path.parse().unwrap();
+    request
+}
+
+async fn charges(database: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charge_and_the_record_commit_together_and_replay() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    let first = send(&app, request("/charge", "k1", "amount=100")).await;
+    assert_eq!(first.status, 201);
+    assert_eq!(first.body, "charge 1");
+    let again = send(&app, request("/charge", "k1", "amount=100")).await;
+    assert!(again.replayed());
+    assert_eq!((again.status, again.body), (first.status, first.body));
+    assert_eq!(send(&app, request("/charge", "k1", "amount=999")).await.status, 422);
+    assert_eq!(calls.get(), 1);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_not_stored_rolls_the_charge_back_and_the_retry_runs() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    assert_eq!(send(&app, request("/fail", "k1", "amount=100")).await.status, 500);
+    assert_eq!(charges(&database).await, 0, "the charge of a 500 committed");
+    let retry = send(&app, request("/charge", "k1", "amount=100")).await;
+    assert_eq!((retry.status, retry.replayed()), (http::StatusCode::CREATED, false));
+    assert_eq!(calls.get(), 2);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_rolls_the_charge_back_and_the_retry_runs() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    assert_eq!(send(&app, request("/panic", "k1", "amount=100")).await.status, 500);
+    assert_eq!(charges(&database).await, 0, "the charge of a panicked handler committed");
+    assert_eq!(send(&app, request("/charge", "k1", "amount=100")).await.status, 201);
+    assert_eq!(calls.get(), 2);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_cap_commits_and_never_runs_again() {
+    let (database, layer) = setup().await;
+    let layer = layer.with_response_limit(1024);
+    let (app, _, calls, _) = charging(&layer);
+    let first = send(&app, request("/large", "k1", "amount=100")).await;
+    assert_eq!((first.status, first.body.len()), (http::StatusCode::CREATED, 4096));
+    assert_eq!(charges(&database).await, 1);
+    let again = send(&app, request("/large", "k1", "amount=100")).await;
+    assert_eq!(again.status, 410);
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_cannot_commit_answers_503_keeps_nothing_and_the_retry_runs() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    // The handler's statement failed (a serialization failure), but it
+    // answered 201 anyway: that answer was never true.
+    let answer = send(&app, request("/aborted", "k1", "amount=100")).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.problem(), "not-committed");
+    assert!(answer.headers.contains_key("retry-after"));
+    assert_eq!(charges(&database).await, 0);
+    assert_eq!(send(&app, request("/charge", "k1", "amount=100")).await.status, 201);
+    assert_eq!(calls.get(), 2);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_of_a_running_request_see_it_in_flight_with_its_fingerprint() {
+    let (database, layer) = setup().await;
+    let (app, gate, calls, _) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k1", "")).await }
+    });
+    gate.entered(1).await;
+    assert_eq!(send(&app, request("/hold", "k1", "")).await.status, 409);
+    assert_eq!(send(&app, request("/hold", "k1", "other body")).await.status, 422);
+    gate.open(1);
+    assert_eq!(first.await.unwrap().status, 201);
+    assert!(send(&app, request("/hold", "k1", "")).await.replayed());
+    assert_eq!(calls.get(), 1);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_duplicates_run_once() {
+    let (database, layer) = setup().await;
+    let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
+    let (app, _, calls, _) = charging(&layer);
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(64));
+    let duplicates: Vec<_> = (0..64)
+        .map(|_| {
+            let (app, start) = (app.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                send(&app, request("/charge", "k1", "amount=100")).await
+            })
+        })
+        .collect();
+    let mut bodies = std::collections::HashSet::new();
+    for duplicate in duplicates {
+        let answer = duplicate.await.unwrap();
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        bodies.insert(answer.body);
+    }
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(calls.get(), 1);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_session_keeps_nothing_and_frees_its_key_at_once() {
+    let (database, layer) = setup().await;
+    // A lease far longer than the test: only the session's end frees the key.
+    let layer = layer.with_lease(Duration::from_secs(600)).unwrap().with_lease_ceiling(Duration::from_secs(600)).unwrap();
+    let (app, gate, calls, mut backends) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k1", "")).await }
+    });
+    let backend = backends.recv().await.unwrap();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(backend)
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+    // The retry that follows at once runs, however long the lease.
+    gate.open(2);
+    let retry = send(&app, request("/hold", "k1", "")).await;
+    assert_eq!((retry.status, retry.replayed()), (http::StatusCode::CREATED, false));
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "the terminated request: {:?}", first.body);
+    assert_eq!(first.problem(), "not-committed");
+    assert!(send(&app, request("/hold", "k1", "")).await.replayed());
+    assert_eq!(calls.get(), 2);
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owners_commit_fails_and_its_writes_roll_back() {
+    let database = TestDatabase::create().await;
+    let transactional = PostgresStore::transactional(database.pool.clone());
+    transactional.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL)").execute(&database.pool).await.unwrap();
+    let id = tower_idempotency::RecordId::from_bytes([7; 32]);
+    let fingerprint = tower_idempotency::Fingerprint::from_bytes([1; 32]);
+    let request = ClaimRequest::new(id, fingerprint, Duration::from_millis(300));
+    let Claim::Acquired(stale) = transactional.claim(request).await.unwrap() else { panic!("not acquired") };
+    let mut extensions = http::Extensions::new();
+    transactional.attach(&stale, &mut extensions);
+    let transaction = extensions.get::<RequestTransaction>().unwrap().clone();
+    sqlx::query("INSERT INTO charges (n) VALUES (1)")
+        .execute(&mut *transaction.lock().await.unwrap())
+        .await
+        .unwrap();
+    // Its lease runs out unrenewed, and a store without transactions on the
+    // same table takes the key over.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let plain = PostgresStore::new(database.pool.clone());
+    let Claim::Acquired(fresh) = plain.claim(request).await.unwrap() else { panic!("not taken over") };
+    let record = tower_idempotency::Record::not_stored(fingerprint, tower_idempotency::NotStored::TooLarge);
+    let committed = transactional.complete(&id, stale.owner(), record.clone(), Duration::from_secs(60)).await;
+    assert!(matches!(committed, Err(StoreError::NotOwner)), "{committed:?}");
+    let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap();
+    assert_eq!(charges, 0, "the stale owner's write committed");
+    plain.complete(&id, fresh.owner(), record, Duration::from_secs(60)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
+    let (database, layer) = setup().await;
+    sqlx::raw_sql("CREATE TABLE accounts (id INT PRIMARY KEY, balance BIGINT); INSERT INTO accounts VALUES (1, 0), (2, 0)")
+        .execute(&database.pool)
+        .await
+        .unwrap();
+    // Each request moves money between the two accounts, in its own order:
+    // PostgreSQL breaks the deadlock by failing one of them.
+    let both_locked_one = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let calls = Calls::default();
+    let (counter, barrier) = (calls.clone(), both_locked_one.clone());
+    let app = app(&layer, move |request: HandlerRequest| {
+        let (barrier, _) = (barrier.clone(), counter.bump());
+        async move {
+            let transaction = request.extensions().get::<RequestTransaction>().unwrap().clone();
+            let order: [i32; 2] = if request.uri().path() == "/a" { [1, 2] } else { [2, 1] };
+            let mut connection = transaction.lock().await.unwrap();
+            let update = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
+            sqlx::query(update).bind(order[0]).execute(&mut *connection).await.unwrap();
+            barrier.wait().await;
+            match sqlx::query(update).bind(order[1]).execute(&mut *connection).await {
+                Ok(_) => respond(201, "moved"),
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("40P01") => {
+                    respond(503, "deadlock: retry")
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+    });
+    let a = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/a", "ka", "")).await }
+    });
+    let b = send(&app, request("/b", "kb", "")).await;
+    let a = a.await.unwrap();
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 503]);
+    // The request that lost the deadlock kept nothing and runs on retry.
+    let (lost, path) = if a.status == 503 { ("ka", "/a") } else { ("kb", "/b") };
+    let retry = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(path, lost, "")).await }
+    });
+    both_locked_one.wait().await;
+    assert_eq!(retry.await.unwrap().status, 201);
+    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
+    assert_eq!(total, 4, "two requests, two updates each");
+    assert_eq!(calls.get(), 3);
+}
