@@ -84,6 +84,16 @@ fn request(path: &str, key: &str, body: &'static str) -> Request<http_body_util:
     request
 }
 
+/// Ends the session of `backend`, and returns once it is gone.
+async fn terminate(database: &TestDatabase, backend: i32) {
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+        .bind(backend)
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
+    assert!(terminated, "backend {backend} still runs");
+}
+
 async fn charges(database: &TestDatabase) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap()
 }
@@ -210,12 +220,7 @@ async fn a_terminated_session_keeps_nothing_and_frees_its_key_at_once() {
         async move { send(&app, request("/hold", "k1", "")).await }
     });
     let backend = backends.recv().await.unwrap();
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(backend)
-        .fetch_one(&database.pool)
-        .await
-        .unwrap();
-    assert!(terminated);
+    terminate(&database, backend).await;
     // The retry that follows at once runs, however long the lease.
     gate.open(2);
     let retry = send(&app, request("/hold", "k1", "")).await;
@@ -308,4 +313,25 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
     let total: i64 = sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
     assert_eq!(total, 4, "two requests, two updates each");
     assert_eq!(calls.get(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_session_keeps_its_key_past_its_lease_and_a_dead_one_frees_it() {
+    let database = TestDatabase::create().await;
+    let store = PostgresStore::transactional(database.pool.clone());
+    store.migrate().await.unwrap();
+    let id = tower_idempotency::RecordId::from_bytes([9; 32]);
+    let fingerprint = tower_idempotency::Fingerprint::from_bytes([1; 32]);
+    let request = ClaimRequest::new(id, fingerprint, Duration::from_millis(200));
+    let Claim::Acquired(first) = store.claim(request).await.unwrap() else { panic!("not acquired") };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(store.claim(request).await.unwrap(), Claim::InFlight { .. }), "a live owner lost its key");
+    // Its session ends: the key is free at once.
+    let mut extensions = http::Extensions::new();
+    store.attach(&first, &mut extensions);
+    let transaction = extensions.get::<RequestTransaction>().unwrap().clone();
+    let backend: i32 =
+        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *transaction.lock().await.unwrap()).await.unwrap();
+    terminate(&database, backend).await;
+    assert!(matches!(store.claim(request).await.unwrap(), Claim::Acquired(_)), "a dead owner kept its key");
 }

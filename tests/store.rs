@@ -34,3 +34,16 @@ mod postgres {
         (store, database)
     });
 }
+
+#[cfg(feature = "postgres")]
+mod postgres_transactional {
+    use crate::common::postgres::TestDatabase;
+    use tower_idempotency::store::postgres::PostgresStore;
+
+    crate::conformance_tests!(session_bound: async {
+        let database = TestDatabase::create().await;
+        let store = PostgresStore::transactional(database.pool.clone());
+        store.migrate().await.unwrap();
+        (store, database)
+    });
+}

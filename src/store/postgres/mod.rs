@@ -67,7 +67,10 @@
 //! free and takes it over at once, without waiting for the lease. A process
 //! that dies after the commit left a completed record: the retry gets the
 //! replay. Duplicates that find the lock held see the record in flight with
-//! its fingerprint (`422` still beats `409`). Advisory locks share one key
+//! its fingerprint (`422` still beats `409`), for as long as the owner's
+//! session lives, even past its lease: a live owner never loses its key to
+//! a retry. (Bound a stuck handler with PostgreSQL's `statement_timeout` or
+//! `idle_in_transaction_session_timeout`.) Advisory locks share one key
 //! space per database: an application's own advisory locks are unlikely to
 //! meet these keys, but may.
 //!
