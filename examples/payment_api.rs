@@ -12,15 +12,26 @@
 //!   --ledger PATH                 the SQLite ledger (./payment_api.sqlite3)
 //!   --redis URL                   use Redis (also REDIS_URL)
 //!   --redis-cluster URL,URL,...   use a Redis Cluster
+//!   --postgres URL                use PostgreSQL for the records and the ledger (also
+//!                                 DATABASE_URL; needs `--features postgres`)
 //!   --processor-latency-ms N      simulated card processor time (0)
 //!   --in-flight conflict|accepted|wait:MS   duplicates while one runs (conflict)
 //!   --lease-ms N                  the claim's lease (30000)
 //!   --memory-capacity N           records the in-memory store holds (100000)
 //!
-//! Neither `--redis` nor `--redis-cluster`: the in-memory store.
+//! None of `--redis`, `--redis-cluster`, `--postgres`: the in-memory store.
 //! `source=tok_chargeDeclined` is declined (402, stored and replayed).
-//! `metadata[simulate]=crash_after_charge` charges, then panics: the retry
-//! with the same key and body answers with that same charge.
+//!
+//! With `--postgres` each charge is inserted in its request's transaction,
+//! which commits with the idempotency record before the client gets the
+//! answer (`--ledger` is not used). `metadata[simulate]` switches:
+//!   crash_after_charge   charges, then panics: the transaction rolls back
+//!                        (with `--postgres`: nothing is kept, the retry
+//!                        charges once; otherwise the ledger kept the charge
+//!                        and the retry answers with it)
+//!   abort_before_commit  charges, then the process aborts before the commit
+//!   abort_after_commit   the process aborts right after the commit, before
+//!                        the client gets its answer
 
 #[path = "support/logs.rs"]
 mod logs;
@@ -44,13 +55,14 @@ struct Flags {
     ledger: PathBuf,
     redis: Option<String>,
     redis_cluster: Option<Vec<String>>,
+    postgres: Option<String>,
     processor_latency: Duration,
     in_flight: InFlightPolicy,
     lease: Option<Duration>,
     memory_capacity: usize,
 }
 
-const USAGE: &str = "usage: payment_api [--addr HOST:PORT] [--ledger PATH] [--redis URL | --redis-cluster URL,URL,...] \
+const USAGE: &str = "usage: payment_api [--addr HOST:PORT] [--ledger PATH] [--redis URL | --redis-cluster URL,URL,... | --postgres URL] \
                      [--processor-latency-ms N] [--in-flight conflict|accepted|wait:MS] [--lease-ms N] \
                      [--memory-capacity N]";
 
@@ -60,6 +72,7 @@ fn parse_flags() -> Result<Flags, String> {
         ledger: PathBuf::from("payment_api.sqlite3"),
         redis: std::env::var("REDIS_URL").ok().filter(|url| !url.is_empty()),
         redis_cluster: None,
+        postgres: std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()),
         processor_latency: Duration::ZERO,
         in_flight: InFlightPolicy::Conflict,
         lease: None,
@@ -74,6 +87,7 @@ fn parse_flags() -> Result<Flags, String> {
             "--ledger" => flags.ledger = PathBuf::from(value()?),
             "--redis" => flags.redis = Some(value()?),
             "--redis-cluster" => flags.redis_cluster = Some(value()?.split(',').map(str::to_owned).collect()),
+            "--postgres" => flags.postgres = Some(value()?),
             "--processor-latency-ms" => flags.processor_latency = millis(value()?)?,
             "--lease-ms" => flags.lease = Some(millis(value()?)?),
             "--memory-capacity" => {
@@ -113,6 +127,14 @@ async fn main() {
 }
 
 async fn run(flags: Flags) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(url) = &flags.postgres {
+        if flags.redis.is_some() || flags.redis_cluster.is_some() {
+            return Err(
+                "choose one store: --postgres (or DATABASE_URL), --redis (or REDIS_URL), --redis-cluster".into()
+            );
+        }
+        return run_on_postgres(&flags, url).await;
+    }
     let payments = payments::Payments::open(&flags.ledger, flags.processor_latency)?;
     let runtime = Some(deadpool_redis::Runtime::Tokio1);
     if let Some(urls) = &flags.redis_cluster {
@@ -125,6 +147,29 @@ async fn run(flags: Flags) -> Result<(), Box<dyn std::error::Error>> {
         let store = MemoryStore::with_limits(flags.memory_capacity, 64 << 20);
         serve(&flags, IdempotencyLayer::new(store), payments, "in-memory store").await
     }
+}
+
+/// The records and the ledger in PostgreSQL, each charge in its request's
+/// transaction.
+#[cfg(feature = "postgres")]
+async fn run_on_postgres(flags: &Flags, url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use tower_idempotency::store::postgres::{PostgresStore, sqlx::postgres::PgPoolOptions};
+
+    // One connection per request in flight, and one for waiting duplicates.
+    let pool = PgPoolOptions::new()
+        .max_connections(64)
+        .connect(url)
+        .await
+        .map_err(|error| format!("PostgreSQL at {url} does not answer: {error}"))?;
+    let store = PostgresStore::transactional(pool.clone());
+    store.migrate().await?;
+    let payments = payments::Payments::on_postgres(pool, flags.processor_latency).await?;
+    serve(flags, IdempotencyLayer::new(store), payments, "PostgreSQL, transactional").await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn run_on_postgres(_: &Flags, _: &str) -> Result<(), Box<dyn std::error::Error>> {
+    Err("--postgres needs the postgres feature: cargo run --release --features postgres --example payment_api".into())
 }
 
 async fn serve<St: Store + Clone>(
@@ -142,7 +187,8 @@ async fn serve<St: Store + Clone>(
     layer.check().await.map_err(|error| format!("the idempotency store ({store}) does not answer: {error}"))?;
     let router = payments::router(layer, payments);
     let listener = tokio::net::TcpListener::bind(flags.addr).await?;
-    println!("payment_api listening on http://{} ({store}, ledger {})", listener.local_addr()?, flags.ledger.display());
+    let ledger = if flags.postgres.is_some() { "in PostgreSQL".to_owned() } else { flags.ledger.display().to_string() };
+    println!("payment_api listening on http://{} ({store}, ledger {ledger})", listener.local_addr()?);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -64,9 +64,10 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
                 "/large" => respond(201, "x".repeat(4096)),
                 "/aborted" => {
                     let mut connection = transaction.lock().await.unwrap();
-                    let failed = sqlx::raw_sql("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'serialization_failure'; END $$")
-                        .execute(&mut *connection)
-                        .await;
+                    let failed =
+                        sqlx::raw_sql("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = 'serialization_failure'; END $$")
+                            .execute(&mut *connection)
+                            .await;
                     assert!(failed.is_err());
                     respond(201, format!("charge {n}"))
                 }
@@ -213,7 +214,8 @@ async fn sixty_four_concurrent_duplicates_run_once() {
 async fn a_terminated_session_keeps_nothing_and_frees_its_key_at_once() {
     let (database, layer) = setup().await;
     // A lease far longer than the test: only the session's end frees the key.
-    let layer = layer.with_lease(Duration::from_secs(600)).unwrap().with_lease_ceiling(Duration::from_secs(600)).unwrap();
+    let layer =
+        layer.with_lease(Duration::from_secs(600)).unwrap().with_lease_ceiling(Duration::from_secs(600)).unwrap();
     let (app, gate, calls, mut backends) = charging(&layer);
     let first = tokio::spawn({
         let app = app.clone();
@@ -246,10 +248,7 @@ async fn a_stale_owners_commit_fails_and_its_writes_roll_back() {
     let mut extensions = http::Extensions::new();
     transactional.attach(&stale, &mut extensions);
     let transaction = extensions.get::<RequestTransaction>().unwrap().clone();
-    sqlx::query("INSERT INTO charges (n) VALUES (1)")
-        .execute(&mut *transaction.lock().await.unwrap())
-        .await
-        .unwrap();
+    sqlx::query("INSERT INTO charges (n) VALUES (1)").execute(&mut *transaction.lock().await.unwrap()).await.unwrap();
     // Its lease runs out unrenewed, and a store without transactions on the
     // same table takes the key over.
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -266,10 +265,12 @@ async fn a_stale_owners_commit_fails_and_its_writes_roll_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
     let (database, layer) = setup().await;
-    sqlx::raw_sql("CREATE TABLE accounts (id INT PRIMARY KEY, balance BIGINT); INSERT INTO accounts VALUES (1, 0), (2, 0)")
-        .execute(&database.pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE accounts (id INT PRIMARY KEY, balance BIGINT); INSERT INTO accounts VALUES (1, 0), (2, 0)",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
     // Each request moves money between the two accounts, in its own order:
     // PostgreSQL breaks the deadlock by failing one of them.
     let both_locked_one = std::sync::Arc::new(tokio::sync::Barrier::new(2));
@@ -310,7 +311,8 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
     });
     both_locked_one.wait().await;
     assert_eq!(retry.await.unwrap().status, 201);
-    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
+    let total: i64 =
+        sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
     assert_eq!(total, 4, "two requests, two updates each");
     assert_eq!(calls.get(), 3);
 }

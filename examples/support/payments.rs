@@ -1,6 +1,7 @@
 //! The payment API of `examples/payment_api.rs`: a small copy of Stripe's v1
-//! charges API with a SQLite ledger, shared with `examples/retry_storm.rs`
-//! and the tests.
+//! charges API with a SQLite ledger, or one in PostgreSQL (feature
+//! `postgres`) where each charge is inserted in its request's transaction,
+//! shared with `examples/retry_storm.rs` and the tests.
 #![allow(dead_code)]
 
 use std::{
@@ -59,9 +60,27 @@ struct NewCharge {
 #[derive(Debug, Clone)]
 pub struct ApiKey(pub String);
 
+/// Where charges are kept.
+enum Ledger {
+    Sqlite(Mutex<rusqlite::Connection>),
+    /// Charges inserted in the request's transaction, which commits with its
+    /// idempotency record.
+    #[cfg(feature = "postgres")]
+    Postgres(tower_idempotency::store::postgres::sqlx::PgPool),
+}
+
+/// What a ledger call failed with, for the API's 500.
+type LedgerError = String;
+
+/// A charge a response was made of, marked so that a middleware outside the
+/// idempotency layer aborts the process once the layer let the response go
+/// (after the commit, in transactional mode): `abort_after_commit`.
+#[derive(Debug, Clone, Copy)]
+pub struct AbortAfterCommit;
+
 /// The ledger and the simulated card processor.
 pub struct Payments {
-    ledger: Mutex<rusqlite::Connection>,
+    ledger: Ledger,
     processor_latency: Duration,
     executions: AtomicU64,
     ids: RandomState,
@@ -98,22 +117,55 @@ impl Payments {
         if !columns.iter().any(|column| column == "source") {
             ledger.execute_batch("ALTER TABLE charges ADD COLUMN source TEXT NOT NULL DEFAULT ''")?;
         }
-        Ok(Arc::new(Self {
-            ledger: Mutex::new(ledger),
+        Ok(Self::with_ledger(Ledger::Sqlite(Mutex::new(ledger)), processor_latency))
+    }
+
+    /// A ledger in PostgreSQL, on the pool the idempotency records use.
+    #[cfg(feature = "postgres")]
+    pub async fn on_postgres(
+        pool: tower_idempotency::store::postgres::sqlx::PgPool,
+        processor_latency: Duration,
+    ) -> Result<Arc<Self>, tower_idempotency::store::postgres::sqlx::Error> {
+        tower_idempotency::store::postgres::sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS charges (
+                 id TEXT PRIMARY KEY,
+                 api_key TEXT NOT NULL,
+                 idempotency_key TEXT NOT NULL,
+                 amount BIGINT NOT NULL,
+                 currency TEXT NOT NULL,
+                 status TEXT NOT NULL,
+                 paid BOOLEAN NOT NULL,
+                 created BIGINT NOT NULL,
+                 description TEXT,
+                 metadata TEXT NOT NULL,
+                 source TEXT NOT NULL,
+                 seq BIGSERIAL,
+                 UNIQUE (api_key, idempotency_key)
+             );
+             CREATE TABLE IF NOT EXISTS simulated_faults (
+                 api_key TEXT NOT NULL,
+                 idempotency_key TEXT NOT NULL,
+                 PRIMARY KEY (api_key, idempotency_key)
+             )",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Self::with_ledger(Ledger::Postgres(pool), processor_latency))
+    }
+
+    fn with_ledger(ledger: Ledger, processor_latency: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            ledger,
             processor_latency,
             executions: AtomicU64::new(0),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
-        }))
+        })
     }
 
     /// How many times the charge handler ran.
     pub fn executions(&self) -> u64 {
         self.executions.load(Ordering::SeqCst)
-    }
-
-    fn ledger(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
-        self.ledger.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn charge_id(&self) -> String {
@@ -131,62 +183,258 @@ impl Payments {
     }
 
     /// The charge recorded for this caller's idempotency key, if any, and
-    /// the source it charged.
-    fn find_by_key(&self, api_key: &str, idempotency_key: &str) -> rusqlite::Result<Option<(Charge, String)>> {
-        self.ledger()
-            .query_row(
-                "SELECT id, amount, currency, status, paid, created, description, metadata, source
-                 FROM charges WHERE api_key = ?1 AND idempotency_key = ?2",
-                params![api_key, idempotency_key],
-                |row| Ok((charge_from_row(row)?, row.get(8)?)),
-            )
-            .optional()
+    /// the source it charged; read in the request's transaction when the
+    /// ledger is in PostgreSQL.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables, reason = "a SQLite ledger has no transaction"))]
+    async fn find_by_key(
+        self: &Arc<Self>,
+        transaction: Option<&Transaction>,
+        api_key: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<(Charge, String)>, LedgerError> {
+        match &self.ledger {
+            Ledger::Sqlite(_) => {
+                let (payments, api_key, key) = (self.clone(), api_key.to_owned(), idempotency_key.to_owned());
+                let found = tokio::task::spawn_blocking(move || sqlite_find(&payments.sqlite(), &api_key, &key));
+                found.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+            }
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(pool) => postgres::find(pool, transaction, api_key, idempotency_key).await,
+        }
     }
 
-    /// Records `charge` of `source`; when the ledger already holds one for
-    /// this key (a second execution that slipped past the layer), returns
-    /// that one and its source.
-    fn insert(
-        &self,
+    /// Records `charge` of `source` (in the request's transaction when the
+    /// ledger is in PostgreSQL); when the ledger already holds one for this
+    /// key (a second execution that slipped past the layer), returns that
+    /// one and its source.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables, reason = "a SQLite ledger has no transaction"))]
+    async fn insert(
+        self: &Arc<Self>,
+        transaction: Option<&Transaction>,
         api_key: &str,
         idempotency_key: &str,
         charge: &Charge,
         source: &str,
-    ) -> rusqlite::Result<((Charge, String), bool)> {
-        let inserted = self.ledger().execute(
-            "INSERT INTO charges (id, api_key, idempotency_key, amount, currency, status, paid, created, description, metadata, source)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-             ON CONFLICT (api_key, idempotency_key) DO NOTHING",
-            params![
-                charge.id,
-                api_key,
-                idempotency_key,
-                charge.amount,
-                charge.currency,
-                charge.status,
-                charge.paid,
-                charge.created,
-                charge.description,
-                serde_json::to_string(&charge.metadata).unwrap_or_default(),
-                source,
-            ],
-        )?;
-        if inserted == 1 {
-            return Ok(((charge.clone(), source.to_owned()), true));
+    ) -> Result<((Charge, String), bool), LedgerError> {
+        match &self.ledger {
+            Ledger::Sqlite(_) => {
+                let payments = self.clone();
+                let (api_key, key, charge, source) =
+                    (api_key.to_owned(), idempotency_key.to_owned(), charge.clone(), source.to_owned());
+                let inserted = tokio::task::spawn_blocking(move || {
+                    sqlite_insert(&payments.sqlite(), &api_key, &key, &charge, &source)
+                });
+                inserted.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+            }
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(pool) => {
+                postgres::insert(pool, transaction, api_key, idempotency_key, charge, source).await
+            }
         }
-        let existing = self.find_by_key(api_key, idempotency_key)?;
-        Ok((existing.unwrap_or_else(|| (charge.clone(), source.to_owned())), false))
+    }
+
+    /// Whether a simulated fault fires for this key: each key's fires once.
+    /// A SQLite ledger keeps the charge of a crashed request, so the retry
+    /// never reaches the fault again; one in PostgreSQL rolled the charge
+    /// back, so the fault is noted outside the request's transaction.
+    async fn fault_fires(&self, api_key: &str, idempotency_key: &str) -> bool {
+        match &self.ledger {
+            Ledger::Sqlite(_) => true,
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(pool) => postgres::first_fault(pool, api_key, idempotency_key).await,
+        }
     }
 
     /// Every charge of one caller, oldest first.
-    pub fn charges(&self, api_key: &str) -> rusqlite::Result<Vec<Charge>> {
-        let ledger = self.ledger();
-        let mut statement = ledger.prepare(
-            "SELECT id, amount, currency, status, paid, created, description, metadata
-             FROM charges WHERE api_key = ?1 ORDER BY created, rowid",
-        )?;
-        let rows = statement.query_map(params![api_key], charge_from_row)?;
-        rows.collect()
+    pub async fn charges(self: &Arc<Self>, api_key: &str) -> Result<Vec<Charge>, LedgerError> {
+        match &self.ledger {
+            Ledger::Sqlite(_) => {
+                let (payments, api_key) = (self.clone(), api_key.to_owned());
+                let charges = tokio::task::spawn_blocking(move || sqlite_charges(&payments.sqlite(), &api_key));
+                charges.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+            }
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(pool) => postgres::charges(pool, api_key).await,
+        }
+    }
+
+    fn sqlite(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        match &self.ledger {
+            Ledger::Sqlite(ledger) => ledger.lock().unwrap_or_else(|poison| poison.into_inner()),
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres(_) => unreachable!("SQLite is asked only for a SQLite ledger"),
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+type Transaction = tower_idempotency::store::postgres::RequestTransaction;
+/// Stands for the request's transaction where there is none to have.
+#[cfg(not(feature = "postgres"))]
+type Transaction = ();
+
+fn sqlite_find(
+    ledger: &rusqlite::Connection,
+    api_key: &str,
+    idempotency_key: &str,
+) -> rusqlite::Result<Option<(Charge, String)>> {
+    ledger
+        .query_row(
+            "SELECT id, amount, currency, status, paid, created, description, metadata, source
+             FROM charges WHERE api_key = ?1 AND idempotency_key = ?2",
+            params![api_key, idempotency_key],
+            |row| Ok((charge_from_row(row)?, row.get(8)?)),
+        )
+        .optional()
+}
+
+fn sqlite_insert(
+    ledger: &rusqlite::Connection,
+    api_key: &str,
+    idempotency_key: &str,
+    charge: &Charge,
+    source: &str,
+) -> rusqlite::Result<((Charge, String), bool)> {
+    let inserted = ledger.execute(
+        "INSERT INTO charges (id, api_key, idempotency_key, amount, currency, status, paid, created, description, metadata, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (api_key, idempotency_key) DO NOTHING",
+        params![
+            charge.id,
+            api_key,
+            idempotency_key,
+            charge.amount,
+            charge.currency,
+            charge.status,
+            charge.paid,
+            charge.created,
+            charge.description,
+            serde_json::to_string(&charge.metadata).unwrap_or_default(),
+            source,
+        ],
+    )?;
+    if inserted == 1 {
+        return Ok(((charge.clone(), source.to_owned()), true));
+    }
+    let existing = sqlite_find(ledger, api_key, idempotency_key)?;
+    Ok((existing.unwrap_or_else(|| (charge.clone(), source.to_owned())), false))
+}
+
+fn sqlite_charges(ledger: &rusqlite::Connection, api_key: &str) -> rusqlite::Result<Vec<Charge>> {
+    let mut statement = ledger.prepare(
+        "SELECT id, amount, currency, status, paid, created, description, metadata
+         FROM charges WHERE api_key = ?1 ORDER BY created, rowid",
+    )?;
+    let rows = statement.query_map(params![api_key], charge_from_row)?;
+    rows.collect()
+}
+
+/// The ledger in PostgreSQL: writes go to the request's transaction, reads
+/// outside a request to the pool.
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::collections::BTreeMap;
+
+    use tower_idempotency::store::postgres::sqlx::{self, PgPool, Row, postgres::PgRow};
+
+    use super::{Charge, LedgerError, Transaction};
+
+    const COLUMNS: &str = "id, amount, currency, status, paid, created, description, metadata, source";
+
+    fn charge_of(row: &PgRow) -> Result<(Charge, String), sqlx::Error> {
+        let metadata: String = row.try_get("metadata")?;
+        let charge = Charge {
+            id: row.try_get("id")?,
+            object: "charge".to_owned(),
+            amount: row.try_get("amount")?,
+            currency: row.try_get("currency")?,
+            status: row.try_get("status")?,
+            paid: row.try_get("paid")?,
+            created: row.try_get("created")?,
+            description: row.try_get("description")?,
+            metadata: serde_json::from_str::<BTreeMap<String, String>>(&metadata).unwrap_or_default(),
+        };
+        Ok((charge, row.try_get("source")?))
+    }
+
+    fn no_transaction() -> LedgerError {
+        "the request has no transaction: is it under IdempotencyLayer::postgres, with a key?".to_owned()
+    }
+
+    pub(super) async fn find(
+        pool: &PgPool,
+        transaction: Option<&Transaction>,
+        api_key: &str,
+        key: &str,
+    ) -> Result<Option<(Charge, String)>, LedgerError> {
+        let sql = format!("SELECT {COLUMNS} FROM charges WHERE api_key = $1 AND idempotency_key = $2");
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(api_key).bind(key);
+        let row = match transaction {
+            Some(transaction) => {
+                let mut connection = transaction.lock().await.map_err(|e| e.to_string())?;
+                query.fetch_optional(&mut *connection).await
+            }
+            None => query.fetch_optional(pool).await,
+        };
+        row.map_err(|e| e.to_string())?.map(|row| charge_of(&row).map_err(|e| e.to_string())).transpose()
+    }
+
+    pub(super) async fn insert(
+        pool: &PgPool,
+        transaction: Option<&Transaction>,
+        api_key: &str,
+        key: &str,
+        charge: &Charge,
+        source: &str,
+    ) -> Result<((Charge, String), bool), LedgerError> {
+        let transaction = transaction.ok_or_else(no_transaction)?;
+        let inserted = {
+            let mut connection = transaction.lock().await.map_err(|e| e.to_string())?;
+            sqlx::query(
+                "INSERT INTO charges (id, api_key, idempotency_key, amount, currency, status, paid, created, description, metadata, source)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (api_key, idempotency_key) DO NOTHING",
+            )
+            .bind(&charge.id)
+            .bind(api_key)
+            .bind(key)
+            .bind(charge.amount)
+            .bind(&charge.currency)
+            .bind(&charge.status)
+            .bind(charge.paid)
+            .bind(charge.created)
+            .bind(&charge.description)
+            .bind(serde_json::to_string(&charge.metadata).unwrap_or_default())
+            .bind(source)
+            .execute(&mut *connection)
+            .await
+            .map_err(|e| e.to_string())?
+            .rows_affected()
+        };
+        if inserted == 1 {
+            return Ok(((charge.clone(), source.to_owned()), true));
+        }
+        let existing = find(pool, Some(transaction), api_key, key).await?;
+        Ok((existing.unwrap_or_else(|| (charge.clone(), source.to_owned())), false))
+    }
+
+    /// Notes a simulated fault of this key; whether it is the first.
+    pub(super) async fn first_fault(pool: &PgPool, api_key: &str, key: &str) -> bool {
+        let noted = sqlx::query(
+            "INSERT INTO simulated_faults (api_key, idempotency_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(api_key)
+        .bind(key)
+        .execute(pool)
+        .await;
+        noted.is_ok_and(|done| done.rows_affected() == 1)
+    }
+
+    pub(super) async fn charges(pool: &PgPool, api_key: &str) -> Result<Vec<Charge>, LedgerError> {
+        let sql = format!("SELECT {COLUMNS} FROM charges WHERE api_key = $1 ORDER BY created, seq");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(api_key).fetch_all(pool).await;
+        let rows = rows.map_err(|e| e.to_string())?;
+        rows.iter().map(|row| charge_of(row).map(|(charge, _)| charge).map_err(|e| e.to_string())).collect()
     }
 }
 
@@ -235,6 +483,7 @@ pub fn router<St: Store + Clone>(layer: IdempotencyLayer<St>, payments: Arc<Paym
         .route("/v1/idempotency/{key}", get(key_state::<St>))
         .route("/internal/stats", get(stats::<St>))
         .layer(layer)
+        .layer(middleware::from_fn(abort_after_commit))
         .layer(middleware::from_fn(authenticate))
         .with_state(state)
 }
@@ -299,10 +548,12 @@ async fn create_charge<St>(
     State(state): State<AppState<St>>,
     Extension(ApiKey(api_key)): Extension<ApiKey>,
     Extension(context): Extension<IdempotencyContext>,
+    transaction: Option<Extension<Transaction>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let payments = state.payments.clone();
+    let transaction = transaction.as_ref().map(|Extension(transaction)| transaction);
     payments.executions.fetch_add(1, Ordering::SeqCst);
     let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     let new = match if is_json { parse_json(&body) } else { parse_form(&body) } {
@@ -312,14 +563,9 @@ async fn create_charge<St>(
     // The second line of defence: a key the ledger already knows gets the
     // charge it made, never a new one; asked with another payload, 422.
     let key = context.derived_key();
-    let lookup = {
-        let (payments, api_key, key) = (payments.clone(), api_key.clone(), key.clone());
-        tokio::task::spawn_blocking(move || payments.find_by_key(&api_key, &key)).await
-    };
-    match lookup {
-        Ok(Ok(Some(existing))) => return answer_for_known_key(existing, &new),
-        Ok(Ok(None)) => {}
-        Ok(Err(error)) => return ledger_error(error),
+    match payments.find_by_key(transaction, &api_key, &key).await {
+        Ok(Some(existing)) => return answer_for_known_key(existing, &new),
+        Ok(None) => {}
         Err(error) => return ledger_error(error),
     }
     if new.source == "tok_chargeDeclined" {
@@ -334,7 +580,7 @@ async fn create_charge<St>(
     if !payments.processor_latency.is_zero() {
         tokio::time::sleep(payments.processor_latency).await;
     }
-    let crash = new.metadata.get("simulate").is_some_and(|v| v == "crash_after_charge");
+    let simulate = new.metadata.get("simulate").map(String::as_str);
     let charge = Charge {
         id: payments.charge_id(),
         object: "charge".to_owned(),
@@ -346,19 +592,39 @@ async fn create_charge<St>(
         description: new.description.clone(),
         metadata: new.metadata.clone(),
     };
-    let source = new.source.clone();
-    let inserted = tokio::task::spawn_blocking(move || payments.insert(&api_key, &key, &charge, &source)).await;
-    match inserted {
-        Ok(Ok(((charge, _), true))) => {
-            if crash {
-                panic!("simulated crash after charging {}", charge.id);
+    let simulate = match simulate {
+        Some(switch) if payments.fault_fires(&api_key, &key).await => Some(switch),
+        _ => None,
+    };
+    match payments.insert(transaction, &api_key, &key, &charge, &new.source).await {
+        Ok(((charge, _), true)) => match simulate {
+            Some("crash_after_charge") => panic!("simulated crash after charging {}", charge.id),
+            Some("abort_before_commit") => {
+                eprintln!("payment_api: simulated abort after charging {}, before the commit", charge.id);
+                std::process::abort();
             }
-            (StatusCode::OK, Json(charge)).into_response()
-        }
-        Ok(Ok((existing, false))) => answer_for_known_key(existing, &new),
-        Ok(Err(error)) => ledger_error(error),
+            Some("abort_after_commit") => {
+                let mut response = (StatusCode::OK, Json(charge)).into_response();
+                response.extensions_mut().insert(AbortAfterCommit);
+                response
+            }
+            _ => (StatusCode::OK, Json(charge)).into_response(),
+        },
+        Ok((existing, false)) => answer_for_known_key(existing, &new),
         Err(error) => ledger_error(error),
     }
+}
+
+/// Aborts the process when the response is marked `AbortAfterCommit`: it
+/// runs outside the idempotency layer, so the record (and, in transactional
+/// mode, the charge with it) is committed and the client gets nothing.
+async fn abort_after_commit(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.extensions().get::<AbortAfterCommit>().is_some() {
+        eprintln!("payment_api: simulated abort after the commit, before the answer");
+        std::process::abort();
+    }
+    response
 }
 
 /// The answer to a request whose key the ledger already charged: that
@@ -454,11 +720,10 @@ async fn list_charges<St>(
     Extension(ApiKey(api_key)): Extension<ApiKey>,
 ) -> Response {
     let payments = state.payments.clone();
-    match tokio::task::spawn_blocking(move || payments.charges(&api_key)).await {
-        Ok(Ok(data)) => {
+    match payments.charges(&api_key).await {
+        Ok(data) => {
             Json(json!({ "object": "list", "url": "/v1/charges", "has_more": false, "data": data })).into_response()
         }
-        Ok(Err(error)) => ledger_error(error),
         Err(error) => ledger_error(error),
     }
 }
@@ -469,8 +734,8 @@ async fn get_charge<St>(
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let payments = state.payments.clone();
-    match tokio::task::spawn_blocking(move || payments.charges(&api_key)).await {
-        Ok(Ok(charges)) => match charges.into_iter().find(|charge| charge.id == id) {
+    match payments.charges(&api_key).await {
+        Ok(charges) => match charges.into_iter().find(|charge| charge.id == id) {
             Some(charge) => Json(charge).into_response(),
             None => stripe_error(
                 StatusCode::NOT_FOUND,
@@ -479,7 +744,6 @@ async fn get_charge<St>(
                 &format!("No such charge: '{id}'"),
             ),
         },
-        Ok(Err(error)) => ledger_error(error),
         Err(error) => ledger_error(error),
     }
 }

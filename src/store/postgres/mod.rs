@@ -423,7 +423,11 @@ impl PostgresStore {
     /// A claim in transactional mode: on a connection of its own, which
     /// holds the record's lock from the claim statement on and, when the
     /// claim is granted, carries the request's transaction.
-    async fn claim_in_session(&self, request: ClaimRequest, transactions: &OpenTransactions) -> Result<Claim, StoreError> {
+    async fn claim_in_session(
+        &self,
+        request: ClaimRequest,
+        transactions: &OpenTransactions,
+    ) -> Result<Claim, StoreError> {
         let owner = self.next_owner();
         let id = request.id();
         let lock = self.lock_key(&id);
@@ -451,9 +455,8 @@ impl PostgresStore {
                     let lease = Lease::new(owner, fencing_token(&row)?);
                     // The session's lock becomes the transaction's: it goes
                     // with the commit, the rollback or the session.
-                    let begin = format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock({lock}); SELECT pg_advisory_unlock({lock})"
-                    );
+                    let begin =
+                        format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); SELECT pg_advisory_unlock({lock})");
                     let begin = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin));
                     match sqlx::Transaction::begin(connection, Some(begin)).await {
                         Ok(transaction) => {
