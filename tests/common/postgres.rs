@@ -23,6 +23,11 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// The database's URL, for another process.
+    pub fn url(&self) -> String {
+        url_of(&self.name)
+    }
+
     pub async fn create() -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!("tower_idempotency_test_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
