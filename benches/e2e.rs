@@ -11,6 +11,13 @@
 //! once with one key (concurrent duplicates). The memory store holds
 //! 1,000,000 completed records before its scenarios start.
 //!
+//! With the `postgres` feature, and PostgreSQL at `DATABASE_URL` (else
+//! `postgres://postgres@127.0.0.1:5432/postgres`), in a database the
+//! benchmark creates and drops: the layer in transactional mode, whose
+//! handler inserts its charge in the request's transaction, and its floor,
+//! the same handler inserting the same charge in a transaction of its own
+//! (`BEGIN`, `INSERT`, `COMMIT`) with no layer.
+//!
 //! The scenarios take turns in rounds, so a machine whose speed drifts (a
 //! noisy neighbour) slows them alike; the table sums the rounds. One table:
 //! requests per second, p50/p99, the ratio to bare, CPU per request of the
@@ -64,6 +71,13 @@ enum Served {
     Memory,
     /// Behind the layer on Redis.
     Redis,
+    /// The handler inserting its charge in a transaction of its own.
+    #[cfg(feature = "postgres")]
+    PostgresFloor,
+    /// Behind the layer on PostgreSQL in transactional mode, inserting its
+    /// charge in the request's transaction.
+    #[cfg(feature = "postgres")]
+    Postgres,
 }
 
 impl Served {
@@ -178,6 +192,95 @@ fn router_round_trips(
             }
         }),
     )
+}
+
+/// The PostgreSQL scenarios' handlers, on a database of their own.
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::{Arc, atomic::AtomicU64};
+
+    use axum::{Extension, Router, routing::post};
+    use bytes::Bytes;
+    use http::HeaderMap;
+    use tower_idempotency::store::postgres::{RequestTransaction, sqlx};
+
+    use super::charge;
+
+    const INSERT: &str = "INSERT INTO bench_charges (key, charge) VALUES ($1, $2)";
+
+    /// A database of the benchmark's own, dropped with it.
+    pub struct Database {
+        pub pool: sqlx::PgPool,
+        admin: String,
+        name: String,
+    }
+
+    impl Database {
+        /// `None` when PostgreSQL does not answer: its scenarios are skipped.
+        pub async fn create() -> Option<Self> {
+            let admin = std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+            let name = format!("tower_idempotency_bench_{}", std::process::id());
+            let server = sqlx::PgPool::connect(&admin).await.ok()?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&server).await.ok()?;
+            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(48)
+                .connect(&format!("{base}/{name}"))
+                .await
+                .ok()?;
+            sqlx::raw_sql("CREATE TABLE bench_charges (key TEXT NOT NULL, charge TEXT NOT NULL)")
+                .execute(&pool)
+                .await
+                .ok()?;
+            Some(Self { pool, admin, name })
+        }
+
+        pub async fn drop_database(self) {
+            self.pool.close().await;
+            if let Ok(server) = sqlx::PgPool::connect(&self.admin).await {
+                let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&server).await;
+            }
+        }
+    }
+
+    fn key_of(headers: &HeaderMap) -> String {
+        headers.get("idempotency-key").and_then(|key| key.to_str().ok()).unwrap_or_default().to_owned()
+    }
+
+    /// The floor: the charge inserted in a transaction of the handler's own.
+    pub fn floor(executions: Arc<AtomicU64>, pool: sqlx::PgPool) -> Router {
+        Router::new().route(
+            "/v1/charges",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (executions, pool) = (executions.clone(), pool.clone());
+                async move {
+                    let json = charge(&executions, body.len());
+                    let mut transaction = pool.begin().await.unwrap();
+                    sqlx::query(INSERT).bind(key_of(&headers)).bind(&json).execute(&mut *transaction).await.unwrap();
+                    transaction.commit().await.unwrap();
+                    ([("content-type", "application/json")], json)
+                }
+            }),
+        )
+    }
+
+    /// The handler under the layer: the charge in the request's transaction.
+    pub fn guarded(executions: Arc<AtomicU64>) -> Router {
+        Router::new().route(
+            "/v1/charges",
+            post(move |Extension(transaction): Extension<RequestTransaction>, headers: HeaderMap, body: Bytes| {
+                let executions = executions.clone();
+                async move {
+                    let json = charge(&executions, body.len());
+                    let mut connection = transaction.lock().await.unwrap();
+                    sqlx::query(INSERT).bind(key_of(&headers)).bind(&json).execute(&mut *connection).await.unwrap();
+                    ([("content-type", "application/json")], json)
+                }
+            }),
+        )
+    }
 }
 
 async fn serve(router: Router) -> SocketAddr {
@@ -348,7 +451,8 @@ async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Ve
 /// Whether `target` ran every key exactly as often as it should have.
 fn executions_correct(target: &Target) -> bool {
     let (executed, sent) = (target.executions.load(Ordering::Relaxed), target.sent.load(Ordering::Relaxed));
-    match (target.name.starts_with("bare"), target.keys) {
+    let floor = target.name.starts_with("bare") || target.name.contains("floor");
+    match (floor, target.keys) {
         (true, _) | (false, Keys::Fresh) => executed == sent,
         (false, Keys::Hot) => executed == HOT_KEYS,
         (false, Keys::Duplicates) => executed == sent.div_ceil(DUPLICATES),
@@ -434,7 +538,18 @@ fn main() {
     server.block_on(hold(&memory, options.held));
     println!("memory store: {} completed records held, filled in {:.1?}", memory.len(), started.elapsed());
 
-    let scenarios: [(&'static str, Served, Keys); 9] = [
+    #[cfg(feature = "postgres")]
+    let database = server.block_on(postgres::Database::create());
+    #[cfg(feature = "postgres")]
+    if let Some(database) = &database {
+        let store = tower_idempotency::store::postgres::PostgresStore::transactional(database.pool.clone());
+        server.block_on(store.migrate()).unwrap();
+    } else {
+        println!("PostgreSQL does not answer: its scenarios are skipped");
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(unused_mut, reason = "PostgreSQL's scenarios join here"))]
+    let mut scenarios: Vec<(&'static str, Served, Keys)> = vec![
         ("bare", Served::Bare, Keys::Fresh),
         ("bare, 1 redis round trip", Served::RoundTrips(false), Keys::Fresh),
         ("bare, 2 redis round trips", Served::RoundTrips(true), Keys::Fresh),
@@ -445,6 +560,15 @@ fn main() {
         ("redis, replays", Served::Redis, Keys::Hot),
         ("redis, duplicates", Served::Redis, Keys::Duplicates),
     ];
+    #[cfg(feature = "postgres")]
+    if database.is_some() {
+        scenarios.extend([
+            ("pg floor, own transaction", Served::PostgresFloor, Keys::Fresh),
+            ("postgres, first executions", Served::Postgres, Keys::Fresh),
+            ("postgres, replays", Served::Postgres, Keys::Hot),
+            ("postgres, duplicates", Served::Postgres, Keys::Duplicates),
+        ]);
+    }
     let wanted = |name: &str| {
         (name == "bare" && !options.skip_bare) || options.only.as_ref().is_none_or(|only| name.contains(only.as_str()))
     };
@@ -468,6 +592,15 @@ fn main() {
                 }
                 Served::Redis => {
                     router(executions.clone()).layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous))
+                }
+                #[cfg(feature = "postgres")]
+                Served::PostgresFloor => {
+                    postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
+                }
+                #[cfg(feature = "postgres")]
+                Served::Postgres => {
+                    let pool = database.as_ref().map(|d| d.pool.clone()).unwrap();
+                    postgres::guarded(executions.clone()).layer(IdempotencyLayer::postgres(pool).with_scope(anonymous))
                 }
             };
             let addr = server.block_on(serve(router));
@@ -554,6 +687,10 @@ fn main() {
         redis.version(),
     );
     drop(redis);
+    #[cfg(feature = "postgres")]
+    if let Some(database) = database {
+        server.block_on(database.drop_database());
+    }
     if !correct {
         std::process::exit(1);
     }
