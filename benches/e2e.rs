@@ -85,6 +85,15 @@ impl Served {
     fn uses_redis(self) -> bool {
         matches!(self, Self::RoundTrips(_) | Self::Redis)
     }
+
+    /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
+    fn uses_postgres(self) -> bool {
+        #[cfg(feature = "postgres")]
+        if matches!(self, Self::PostgresFloor | Self::Postgres) {
+            return true;
+        }
+        false
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -305,6 +314,22 @@ fn threads_cpu(name: &str) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// CPU time (user + system) of the processes named `name` (PostgreSQL's
+/// backends, say): the store's CPU, as far as its processes live.
+fn processes_cpu(name: &str) -> Duration {
+    let mut ticks = 0;
+    for process in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(process.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        if head.split_once('(').map(|(_, comm)| comm) != Some(name) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11..13).map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    }
+    Duration::from_millis(ticks * 10)
+}
+
 struct Redis {
     port: u16,
     process: Child,
@@ -420,6 +445,7 @@ async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Ve
                         Keys::Hot => format!("hot-{run}-{}", n % HOT_KEYS),
                         Keys::Duplicates => format!("dup-{run}-{}", n / DUPLICATES),
                     };
+                    let key_shown = key.clone();
                     let request = http::Request::post("/v1/charges")
                         .header("host", "localhost")
                         .header("idempotency-key", key)
@@ -433,6 +459,9 @@ async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Ve
                     latencies.push(sent_at.elapsed());
                     let expected =
                         status == StatusCode::OK || (keys == Keys::Duplicates && status == StatusCode::CONFLICT);
+                    if !expected && unexpected == 0 {
+                        eprintln!("unexpected status {status} (key {key_shown})");
+                    }
                     unexpected += u64::from(!expected);
                 }
                 (latencies, unexpected)
@@ -498,6 +527,7 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     let (server_cpu, client_cpu) = (threads_cpu(SERVER_THREAD), threads_cpu(CLIENT_THREAD));
     let plain = matches!(target.served, Served::RoundTrips(_));
     let (redis_cpu, redis_calls) = (redis.cpu(), redis.calls(plain));
+    let postgres_cpu = processes_cpu("postgres");
     let started = Instant::now();
     let (latencies, unexpected) = drive(target, Stop::After(length), run, connections).await;
     let measured = &mut target.measured;
@@ -512,6 +542,9 @@ async fn round(target: &mut Target, length: Duration, redis: &Redis, run: u64, c
     if target.served.uses_redis() {
         measured.redis_cpu += redis.cpu().saturating_sub(redis_cpu);
         measured.redis_calls += redis.calls(plain) - redis_calls;
+    }
+    if target.served.uses_postgres() {
+        measured.redis_cpu += processes_cpu("postgres").saturating_sub(postgres_cpu);
     }
 }
 
@@ -563,7 +596,7 @@ fn main() {
     #[cfg(feature = "postgres")]
     if database.is_some() {
         scenarios.extend([
-            ("pg floor, own transaction", Served::PostgresFloor, Keys::Fresh),
+            ("postgres floor, own tx", Served::PostgresFloor, Keys::Fresh),
             ("postgres, first executions", Served::Postgres, Keys::Fresh),
             ("postgres, replays", Served::Postgres, Keys::Hot),
             ("postgres, duplicates", Served::Postgres, Keys::Duplicates),
@@ -637,7 +670,7 @@ fn main() {
         "rounds x bare",
         "server cpu",
         "client cpu",
-        "redis cpu",
+        "store cpu",
         "calls/req"
     );
     let mut correct = true;
@@ -657,7 +690,11 @@ fn main() {
             round_ratios(&m.round_rates, &bare_rounds),
             per(m.server_cpu),
             per(m.client_cpu),
-            if target.served.uses_redis() { format!("{:.2?}", per(m.redis_cpu)) } else { "-".to_owned() },
+            if target.served.uses_redis() || target.served.uses_postgres() {
+                format!("{:.2?}", per(m.redis_cpu))
+            } else {
+                "-".to_owned()
+            },
             if target.served.uses_redis() {
                 format!("{:.2}", m.redis_calls as f64 / m.requests as f64)
             } else {

@@ -337,3 +337,25 @@ async fn a_live_session_keeps_its_key_past_its_lease_and_a_dead_one_frees_it() {
     terminate(&database, backend).await;
     assert!(matches!(store.claim(request).await.unwrap(), Claim::Acquired(_)), "a dead owner kept its key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_sent_at_once_get_the_answer_or_409_never_503() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    const KEYS: usize = 100;
+    for key in 0..KEYS {
+        let key: &'static str = Box::leak(format!("k{key}").into_boxed_str());
+        let duplicates: Vec<_> = (0..16)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { send(&app, request("/charge", key, "amount=100")).await })
+            })
+            .collect();
+        for duplicate in duplicates {
+            let answer = duplicate.await.unwrap();
+            assert!(matches!(answer.status.as_u16(), 201 | 409), "{key}: {} {:?}", answer.status, answer.body);
+        }
+    }
+    assert_eq!(calls.get(), KEYS);
+    assert_eq!(charges(&database).await, KEYS as i64);
+}

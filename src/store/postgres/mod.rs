@@ -432,9 +432,12 @@ impl PostgresStore {
         let id = request.id();
         let lock = self.lock_key(&id);
         let mut connection = self.inner.pool.acquire().await.map_err(StoreError::unavailable)?;
-        // The lock or the record was busy for a moment (a concurrent claim or
-        // release): a few tries settle it.
-        for _ in 0..5 {
+        // The lock was busy but no record in sight: a concurrent claim
+        // between its lock and its commit, or a duplicate's brief look.
+        // Tries again a little later, for up to two seconds.
+        let mut pause = Duration::from_micros(200);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < give_up {
             let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.claim_session.as_str()))
                 .bind(id.as_bytes().as_slice())
                 .bind(owner.as_u128().to_be_bytes().as_slice())
@@ -448,7 +451,8 @@ impl PostgresStore {
             let state: Option<String> = row.try_get("state").map_err(StoreError::unavailable)?;
             return match state.as_deref() {
                 None => {
-                    tokio::task::yield_now().await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(10));
                     continue;
                 }
                 Some("acquired") => {
@@ -473,7 +477,7 @@ impl PostgresStore {
                 Some(_) => Ok(Claim::Completed(record_of(&row)?)),
             };
         }
-        Err(StoreError::unavailable("a claim found the record's lock busy and no record five times"))
+        Err(StoreError::unavailable("a claim found the record's lock held and no record for two seconds"))
     }
 
     /// Completes a claim in its request's transaction, and commits.

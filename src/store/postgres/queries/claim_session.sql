@@ -4,10 +4,12 @@
 -- session-bound in-flight record whose lock is free lost its owner's
 -- session (a crash): it is taken over at once. Answers as claim.sql; no
 -- state: the lock or the row was busy for a moment, claim again. The lock
--- is kept only when the answer is 'acquired'.
+-- is kept only when the answer is 'acquired'. Its commit does not wait for
+-- the disk: a crash that loses the in-flight record also ends the session
+-- whose transaction it guards, and that transaction's COMMIT flushes it.
 -- $1 id, $2 owner, $3 fingerprint, $4 lease in ms, $5 replace completed, $6 lock.
 WITH locked AS MATERIALIZED (
-    SELECT pg_try_advisory_lock($6) AS held
+    SELECT pg_try_advisory_lock($6) AS held, set_config('synchronous_commit', 'off', true) AS unflushed
 ),
 claimed AS (
     INSERT INTO {table} AS t (id, owner, fencing_token, fingerprint, record, expires_at, session_bound)
