@@ -49,6 +49,7 @@
 //! | memory store full of in-flight records | 503 `store-full` + `Retry-After`, nothing runs |
 //! | store down or slow, [`FailureMode::FailOpen`] | runs unguarded, counted |
 //! | inner service panics | 500 `handler-panicked`, key released |
+//! | PostgreSQL, transactional: the request's transaction does not commit | 503 `not-committed` + `Retry-After`, nothing kept, key released |
 //!
 //! Rejections are `application/problem+json` (RFC 9457), one `type` per
 //! case; gRPC requests get a gRPC status in a trailers-only response instead
@@ -103,7 +104,8 @@
 //!   [`IdempotencyLayer::redis_cluster`].
 //! - `axum` (on by default): [`IdempotencyContext`] as an axum extractor.
 //! - `postgres`: the PostgreSQL store (`store::postgres`), on sqlx, and
-//!   `IdempotencyLayer::postgres`.
+//!   `IdempotencyLayer::postgres`, whose handlers write in the request's
+//!   transaction, committed with the record.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
