@@ -359,3 +359,24 @@ async fn duplicates_sent_at_once_get_the_answer_or_409_never_503() {
     assert_eq!(calls.get(), KEYS);
     assert_eq!(charges(&database).await, KEYS as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_outlives_its_lease_ceiling_still_commits_once() {
+    let (database, layer) = setup().await;
+    let lease = Duration::from_millis(150);
+    let layer = layer.with_lease(lease).unwrap().with_lease_ceiling(lease * 2).unwrap();
+    let (app, gate, calls, _) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k1", "")).await }
+    });
+    gate.entered(1).await;
+    // Time passing is the point here: past the lease and its ceiling.
+    tokio::time::sleep(lease * 4).await;
+    assert_eq!(send(&app, request("/hold", "k1", "")).await.status, 409, "a live owner lost its key");
+    gate.open(1);
+    assert_eq!(first.await.unwrap().status, 201);
+    assert!(send(&app, request("/hold", "k1", "")).await.replayed());
+    assert_eq!(calls.get(), 1);
+    assert_eq!(charges(&database).await, 1);
+}

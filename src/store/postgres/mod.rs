@@ -69,10 +69,11 @@
 //! replay. Duplicates that find the lock held see the record in flight with
 //! its fingerprint (`422` still beats `409`), for as long as the owner's
 //! session lives, even past its lease: a live owner never loses its key to
-//! a retry. (Bound a stuck handler with PostgreSQL's `statement_timeout` or
-//! `idle_in_transaction_session_timeout`.) Advisory locks share one key
-//! space per database: an application's own advisory locks are unlikely to
-//! meet these keys, but may.
+//! a retry, nor its commit to its lease (the background purge leaves such a
+//! claim alone for a day past its lease). Bound a stuck handler with
+//! PostgreSQL's `statement_timeout` or `idle_in_transaction_session_timeout`.
+//! Advisory locks share one key space per database: an application's own
+//! advisory locks are unlikely to meet these keys, but may.
 //!
 //! A first execution costs these round trips besides the handler's own: the
 //! claim (one statement), `BEGIN` (with the lock's hand-over), the record's
