@@ -380,3 +380,40 @@ async fn a_request_that_outlives_its_lease_ceiling_still_commits_once() {
     assert_eq!(calls.get(), 1);
     assert_eq!(charges(&database).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_dropped_mid_statement_does_not_lock_its_key_out() {
+    let database = TestDatabase::create().await;
+    let store = PostgresStore::transactional(database.pool.clone());
+    store.migrate().await.unwrap();
+    let id = tower_idempotency::RecordId::from_bytes([5; 32]);
+    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_secs(600));
+    // An uncommitted row of the same id holds the claim statement after it
+    // took the record's lock.
+    let mut blocker = database.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_records (id, owner, fencing_token, fingerprint, expires_at) \
+         VALUES ($1, '\\x00', 0, '\\x00', now())",
+    )
+    .bind(id.as_bytes().as_slice())
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(300), store.claim(request)).await;
+    assert!(dropped.is_err(), "the claim was not held");
+    blocker.rollback().await.unwrap();
+    // Another instance, on connections of its own, claims the key: free
+    // within moments, not after the pool retires the dropped claim's connection.
+    let other = PostgresStore::transactional(sqlx::PgPool::connect(&database.url()).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match other.claim(request).await.unwrap() {
+            Claim::Acquired(_) => break,
+            Claim::InFlight { .. } => {
+                assert!(tokio::time::Instant::now() < deadline, "the dropped claim locked its key out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

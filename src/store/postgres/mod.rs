@@ -432,7 +432,7 @@ impl PostgresStore {
         let owner = self.next_owner();
         let id = request.id();
         let lock = self.lock_key(&id);
-        let mut connection = self.inner.pool.acquire().await.map_err(StoreError::unavailable)?;
+        let mut connection = MayHoldLock(Some(self.inner.pool.acquire().await.map_err(StoreError::unavailable)?));
         // The lock was busy but no record in sight: a concurrent claim
         // between its lock and its commit, or a duplicate's brief look.
         // Tries again a little later, for up to two seconds.
@@ -446,10 +446,14 @@ impl PostgresStore {
                 .bind(millis(request.lease()))
                 .bind(request.replace_completed())
                 .bind(lock)
-                .fetch_one(&mut *connection)
+                .fetch_one(connection.get()?)
                 .await
                 .map_err(StoreError::unavailable)?;
             let state: Option<String> = row.try_get("state").map_err(StoreError::unavailable)?;
+            if state.as_deref().is_some_and(|state| state != "acquired") {
+                // The statement kept no lock, and the connection is done.
+                connection.release();
+            }
             return match state.as_deref() {
                 None => {
                     tokio::time::sleep(pause).await;
@@ -463,6 +467,12 @@ impl PostgresStore {
                     let begin =
                         format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); SELECT pg_advisory_unlock({lock})");
                     let begin = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin));
+                    // From its first poll on, `BEGIN` is queued on the
+                    // connection: dropped then, sqlx flushes it and rolls back
+                    // before pooling the connection. (`Transaction::begin` is
+                    // hidden in sqlx's docs, but public: its pool begins
+                    // transactions on a connection it holds the same way.)
+                    let connection = connection.release().ok_or_else(|| StoreError::unavailable("no connection"))?;
                     match sqlx::Transaction::begin(connection, Some(begin)).await {
                         Ok(transaction) => {
                             transactions.open(owner, transaction);
@@ -516,6 +526,33 @@ impl PostgresStore {
             .bind(id.as_bytes().as_slice())
             .bind(owner.as_u128().to_be_bytes().as_slice());
         self.settled(query).await
+    }
+}
+
+/// A pooled connection whose session may hold a record's advisory lock (a
+/// claim statement in flight): if dropped so, it is closed rather than
+/// pooled, so that its session ends and frees the lock. A claim whose
+/// future is dropped mid-statement would otherwise lock its key out for as
+/// long as the pool keeps the connection.
+struct MayHoldLock(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl MayHoldLock {
+    fn get(&mut self) -> Result<&mut sqlx::PgConnection, StoreError> {
+        self.0.as_deref_mut().ok_or_else(|| StoreError::unavailable("the claim's connection was given back"))
+    }
+
+    /// The connection, known to hold no lock of its own any more (or
+    /// handing it to a transaction).
+    fn release(&mut self) -> Option<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.0.take()
+    }
+}
+
+impl Drop for MayHoldLock {
+    fn drop(&mut self) {
+        if let Some(connection) = &mut self.0 {
+            connection.close_on_drop();
+        }
     }
 }
 
