@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{postgres::TestDatabase, *};
 use http::Request;
+use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, InFlightPolicy,
     store::{
@@ -20,7 +21,8 @@ use tower_idempotency::{
 /// What the test handler does after it wrote its charge, by the request's
 /// path.
 const PATHS: &str = "/charge: 201 | /fail: 500 | /panic: panics | /hold: waits at the gate, then 201 | \
-                     /large: 201 with a 4 KiB body | /aborted: its statement fails, then 201 anyway";
+                     /large: 201 with a 4 KiB body | /aborted: its statement fails, then 201 anyway | \
+                     /broken: 201 whose body fails | /unavailable-grpc: gRPC UNAVAILABLE in trailers";
 
 /// A transactional layer on a fresh database with a `charges` table.
 async fn setup() -> (TestDatabase, IdempotencyLayer<PostgresStore>) {
@@ -62,6 +64,28 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
                     respond(201, format!("charge {n}"))
                 }
                 "/large" => respond(201, "x".repeat(4096)),
+                "/broken" => {
+                    let frames = futures_util::stream::iter([
+                        Ok(http_body::Frame::data(bytes::Bytes::from_static(b"partial"))),
+                        Err(std::io::Error::other("the body broke")),
+                    ]);
+                    let mut response =
+                        http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+                    *response.status_mut() = http::StatusCode::CREATED;
+                    response
+                }
+                "/unavailable-grpc" => {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "14".parse().unwrap());
+                    let frames = futures_util::stream::iter([
+                        Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\0"))),
+                        Ok(http_body::Frame::trailers(trailers)),
+                    ]);
+                    let mut response =
+                        http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+                    response.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+                    response
+                }
                 "/aborted" => {
                     let mut connection = transaction.lock().await.unwrap();
                     let failed =
@@ -416,4 +440,30 @@ async fn a_claim_dropped_mid_statement_does_not_lock_its_key_out() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_fails_commits_its_writes_and_never_runs_again() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    let first = app.clone().oneshot(request("/broken", "k1", "")).await.unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(
+        http_body_util::BodyExt::collect(first.into_body()).await.is_err(),
+        "the body's failure reached the client"
+    );
+    assert_eq!(charges(&database).await, 1);
+    assert_eq!(send(&app, request("/broken", "k1", "")).await.status, 410);
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_not_stored_in_trailers_rolls_back() {
+    let (database, layer) = setup().await;
+    let (app, _, calls, _) = charging(&layer);
+    let first = send(&app, request("/unavailable-grpc", "k1", "")).await;
+    assert_eq!(first.trailers.as_ref().and_then(|t| t.get("grpc-status")).unwrap(), "14");
+    assert_eq!(charges(&database).await, 0, "the charge of an UNAVAILABLE answer committed");
+    send(&app, request("/unavailable-grpc", "k1", "")).await;
+    assert_eq!(calls.get(), 2);
 }
