@@ -412,7 +412,12 @@ async fn a_completed_1_kib_record_stays_small_in_redis() {
         key.len(),
         record as i64 - bare as i64
     );
-    assert!(record <= bare + 64, "the record costs {record} B, the bare body {bare} B");
+    // jemalloc (Redis's allocator) rounds both to the same size class; a
+    // server on libc's malloc (the Valkey build the tests use) counts the
+    // record's own bytes too: its headers, fingerprint and framing.
+    let exact = server.command(&["INFO", "memory"]).contains("mem_allocator:libc");
+    let allowed = if exact { headers + 32 + 32 } else { 64 };
+    assert!(record <= bare + allowed, "the record costs {record} B, the bare body {bare} B");
 }
 
 #[allow(dead_code)]

@@ -1,6 +1,10 @@
 //! Throwaway `redis-server` processes on free loopback ports: a single
 //! server, a primary with a replica, and a three-node cluster.
 //!
+//! `TEST_REDIS_SERVER` and `TEST_REDIS_CLI` name other binaries to run
+//! instead of `redis-server` and `redis-cli` (`.ci/run` runs the Redis
+//! suites again on Valkey 8.1 that way).
+//!
 //! Every server runs under a small `sh` watchdog that kills it when the test
 //! process's end of a pipe closes: on drop, on a failed test, and even when
 //! the test process is killed outright. Nothing here touches port 6379.
@@ -24,6 +28,16 @@ pub struct RedisServer {
     dir: PathBuf,
     extra: Vec<String>,
     process: Option<(Child, ChildStdin)>,
+}
+
+/// The server binary: `TEST_REDIS_SERVER`, else `redis-server`.
+pub fn server_binary() -> String {
+    std::env::var("TEST_REDIS_SERVER").ok().filter(|path| !path.is_empty()).unwrap_or_else(|| "redis-server".into())
+}
+
+/// The command-line client: `TEST_REDIS_CLI`, else `redis-cli`.
+pub fn cli_binary() -> String {
+    std::env::var("TEST_REDIS_CLI").ok().filter(|path| !path.is_empty()).unwrap_or_else(|| "redis-cli".into())
 }
 
 fn free_port() -> u16 {
@@ -60,7 +74,7 @@ impl RedisServer {
                 return server;
             }
         }
-        panic!("redis-server did not start (is it installed?)");
+        panic!("{} did not start (is it installed?)", server_binary());
     }
 
     /// A replica of `primary`.
@@ -102,10 +116,11 @@ impl RedisServer {
         // It also removes the scratch directory, which statics never drop,
         // unless a crash asked to keep the data for a start again.
         std::fs::create_dir_all(&self.dir).unwrap();
-        let script = r#"redis-server "$@" & pid=$!; read _unused; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null;
+        let script = r#""$SERVER" "$@" & pid=$!; read _unused; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null;
             if [ -e "$SCRATCH/keep" ]; then rm -f "$SCRATCH/keep"; else rm -rf "$SCRATCH"; fi"#;
         let mut child = Command::new("sh")
             .env("SCRATCH", &self.dir)
+            .env("SERVER", server_binary())
             .arg("-c")
             .arg(script)
             .arg("sh")
@@ -267,7 +282,7 @@ impl RedisCluster {
                 ])
             })
             .collect();
-        let mut create = Command::new("redis-cli");
+        let mut create = Command::new(cli_binary());
         create.arg("--cluster").arg("create");
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
