@@ -94,8 +94,11 @@ async fn round_trips_first_two_replay_one_in_flight_one() {
     send(&app, post(Some("warm-up"), "x")).await;
     let monitor = Monitor::start(&server);
 
+    // The completion is a `SET … IFEQ` where the server takes it.
+    let completion = if takes_ifeq(&server) { "SET" } else { "EVALSHA" };
+    monitor.take();
     send(&app, post(KEY, "a")).await;
-    assert_eq!(names(&monitor.take()), ["EVALSHA", "EVALSHA"], "first execution: claim, complete");
+    assert_eq!(names(&monitor.take()), ["EVALSHA", completion], "first execution: claim, complete");
     assert!(send(&app, post(KEY, "a")).await.replayed());
     assert_eq!(names(&monitor.take()), ["EVALSHA"], "replay: claim");
 
@@ -128,7 +131,9 @@ async fn cluster_round_trips_are_the_same() {
     send(&app, post(Some(measured), "cluster")).await;
     assert!(send(&app, post(Some(measured), "cluster")).await.replayed());
     let after = (cluster.calls("evalsha"), cluster.calls("eval"));
-    assert_eq!(after.0 - before.0, 3, "claim + complete, then one claim");
+    // The completion is a `SET … IFEQ`, not a script, where the servers take it.
+    let scripts = if takes_ifeq(&cluster.nodes[0]) { 2 } else { 3 };
+    assert_eq!(after.0 - before.0, scripts, "claim + complete, then one claim");
     assert_eq!(after.1 - before.1, 0, "the scripts were cached on the node");
     assert_eq!(calls.get(), 2);
 }
@@ -782,4 +787,76 @@ async fn check_tells_a_reachable_store_from_a_wrong_url() {
         ),
         "{error}"
     );
+}
+
+/// Whether `server` takes `SET … IFEQ`: Valkey 8.1 and later, Redis 8.4
+/// and later (by the version its `INFO server` reports).
+fn takes_ifeq(server: &RedisServer) -> bool {
+    let info = server.command(&["INFO", "server"]);
+    let version = |name: &str| -> Option<(u32, u32)> {
+        let value = info.lines().find_map(|line| line.strip_prefix(name))?.trim();
+        let mut parts = value.split('.').map(|part| part.parse().unwrap_or(0));
+        Some((parts.next()?, parts.next()?))
+    };
+    match version("valkey_version:") {
+        Some(valkey) => valkey >= (8, 1),
+        None => version("redis_version:").is_some_and(|redis| redis >= (8, 4)),
+    }
+}
+
+#[tokio::test]
+async fn completions_run_no_script_where_the_server_takes_set_ifeq() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool());
+    let (app, calls) = counting(&layer);
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    // Loads the scripts (a first `EVALSHA` fails and is sent again as `EVAL`).
+    assert_eq!(send(&app, post(Some("warm-up"), "a")).await.status, 201);
+    let before = scripts();
+    for n in 0..5 {
+        let key: &'static str = Box::leak(format!("order-{n}").into_boxed_str());
+        assert_eq!(send(&app, post(Some(key), "a")).await.status, 201);
+        assert!(send(&app, post(Some(key), "a")).await.replayed());
+    }
+    assert_eq!(calls.get(), 6);
+    // Five first executions and five replays: a claim script each, and a
+    // completion script each where IFEQ is missing (after the one try).
+    let expected = if takes_ifeq(&server) { 10 } else { 15 };
+    assert_eq!(
+        scripts() - before,
+        expected,
+        "script calls on a server {} IFEQ",
+        if expected == 10 { "with" } else { "without" }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_with_waiters_wakes_them_where_the_server_takes_set_ifeq() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool()).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, hold("k")).await }
+    });
+    gate.entered(1).await;
+    let waiter = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, hold("k")).await }
+    });
+    // The waiter counted itself in the in-flight value: the completion's
+    // IFEQ misses, and the script completes and wakes it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.calls("blpop") == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the waiter never blocked");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let woken_at = tokio::time::Instant::now();
+    gate.open(1);
+    let first = first.await.unwrap();
+    let waiter = waiter.await.unwrap();
+    assert!(waiter.replayed());
+    assert_eq!(waiter.body, first.body);
+    assert!(woken_at.elapsed() < Duration::from_secs(2), "the waiter was not woken");
+    assert_eq!(calls.get(), 1);
 }

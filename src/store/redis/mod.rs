@@ -9,7 +9,14 @@
 //! [`Record`]'s compact encoding,
 //! body as raw bytes. Claim, complete, release and renew are each one Lua
 //! script, sent with `EVALSHA` (and `EVAL` when a server's script cache was
-//! flushed), that checks the owner before it changes anything. Leases and
+//! flushed), that checks the owner before it changes anything. Where the
+//! server takes `SET … IFEQ` (Valkey 8.1 and later, Redis 8.4 and later), a
+//! completion is that one command instead: the owner knows the in-flight
+//! value it wrote byte for byte, so `IFEQ` is the owner check. When the
+//! value changed (a waiter counted itself in it, the lease ran out) the
+//! script decides as before. The first completion finds out whether the
+//! server takes `IFEQ` (a server without it refuses the syntax and changes
+//! nothing); a store that learned it does not sends scripts from then on. Leases and
 //! retention are Redis TTLs: a dead process's claim frees itself with no
 //! sweeper.
 //!
@@ -45,7 +52,15 @@ mod pool;
 mod script;
 mod waiters;
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
@@ -96,6 +111,39 @@ struct Inner {
     replicas: Option<(u32, Duration)>,
     owners: OwnerTokens,
     waiters: Waiters,
+    /// Whether the server takes `SET … IFEQ`: [`IFEQ_UNKNOWN`] until the
+    /// first completion tries it.
+    ifeq: AtomicU8,
+    /// The fencing tokens of this store's claims in flight, by owner, while
+    /// the server may take `SET … IFEQ`: with them a completion knows its
+    /// in-flight value byte for byte.
+    tokens: Mutex<HashMap<OwnerToken, u64>>,
+}
+
+const IFEQ_UNKNOWN: u8 = 0;
+const IFEQ_YES: u8 = 1;
+const IFEQ_NO: u8 = 2;
+
+impl Inner {
+    fn with(prefix: String, replicas: Option<(u32, Duration)>) -> Self {
+        Self {
+            prefix,
+            replicas,
+            owners: OwnerTokens::new(),
+            waiters: Waiters::default(),
+            ifeq: AtomicU8::new(IFEQ_UNKNOWN),
+            tokens: Mutex::default(),
+        }
+    }
+
+    fn ifeq(&self) -> bool {
+        self.ifeq.load(Ordering::Relaxed) != IFEQ_NO
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, u64>> {
+        // Inserts and removals never leave the map half-changed.
+        self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl<P: RedisPool> Clone for RedisStore<P> {
@@ -127,31 +175,17 @@ impl<P: RedisPool> RedisStore<P> {
     /// # drop(store);
     /// ```
     pub fn new(pool: P) -> Self {
-        Self {
-            pool,
-            inner: Arc::new(Inner {
-                prefix: "idem:".to_owned(),
-                replicas: None,
-                owners: OwnerTokens::new(),
-                waiters: Waiters::default(),
-            }),
-            connection: SharedConnection::default(),
-        }
+        Self { pool, inner: Arc::new(Inner::with("idem:".to_owned(), None)), connection: SharedConnection::default() }
     }
 
     fn update(mut self, f: impl FnOnce(&mut Inner)) -> Self {
         match Arc::get_mut(&mut self.inner) {
             Some(inner) => f(inner),
             None => {
-                let mut inner = Inner {
-                    prefix: self.inner.prefix.clone(),
-                    replicas: self.inner.replicas,
-                    // A nonce of its own: sharing one with the store it was
-                    // copied from, with a count of its own, would hand out
-                    // the same owner tokens twice.
-                    owners: OwnerTokens::new(),
-                    waiters: Waiters::default(),
-                };
+                // A nonce of its own: sharing one with the store it was
+                // copied from, with a count of its own, would hand out the
+                // same owner tokens twice.
+                let mut inner = Inner::with(self.inner.prefix.clone(), self.inner.replicas);
                 f(&mut inner);
                 self.inner = Arc::new(inner);
             }
@@ -295,6 +329,61 @@ impl<P: RedisPool> RedisStore<P> {
     }
 }
 
+impl<P: RedisPool> RedisStore<P> {
+    /// Completes with one `SET record … IFEQ <in-flight value>` where the
+    /// server takes it (Valkey 8.1, Redis 8.4): no script. `None` when the
+    /// value was not the one this claim wrote (a waiter counted itself in
+    /// it, a stale owner, a completion retried) or the server does not
+    /// take `IFEQ`: the completion script decides then.
+    async fn complete_if_equal(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        token: u64,
+        record: &Record,
+        encoded: &[u8],
+        retention: &[u8],
+    ) -> Result<Option<Result<(), StoreError>>, StoreError> {
+        let in_flight = in_flight_value(owner, record.fingerprint(), token);
+        let key = self.key(id, KeyKind::Record);
+        let mut set = Cmd::with_capacity(7, key.len() + encoded.len() + in_flight.len() + retention.len() + 12);
+        set.arg("SET").arg(key).arg(encoded).arg("IFEQ").arg(&in_flight[..]).arg("PX").arg(retention);
+        let (reply, replicated) = self.command(set, &key, Replicate::Always).await?;
+        match reply {
+            Ok(Value::Okay) => {
+                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                Ok(Some(replicated))
+            }
+            Ok(Value::Nil) => {
+                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                Ok(None)
+            }
+            // A server without `IFEQ` refuses the syntax, and changes nothing.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                if self.inner.ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
+                    tracing::debug!(%error, "the Redis server does not take SET IFEQ: completions run a script");
+                }
+                self.inner.tokens().clear();
+                Ok(None)
+            }
+            Err(error) => Err(StoreError::unavailable(error)),
+            Ok(other) => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// The in-flight value a claim of `owner` writes: `F`, the owner, the
+/// fingerprint, a zero waiter count, the token in decimal (claim.lua).
+fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(50 + 20);
+    value.push(IN_FLIGHT);
+    value.extend_from_slice(&owner_bytes(owner));
+    value.extend_from_slice(fingerprint.as_bytes());
+    value.push(0);
+    value.extend_from_slice(token.to_string().as_bytes());
+    value
+}
+
 /// Which calls wait for replicas, with [`RedisStore::with_replicas`].
 #[derive(Clone, Copy)]
 enum Replicate {
@@ -364,6 +453,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
                 let lease = Lease::new(owner, FencingToken::new(token));
+                if self.inner.ifeq() {
+                    self.inner.tokens().insert(owner, token);
+                }
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
                     // Boxed: see BENCHMARKS.md, "Future sizes".
@@ -388,8 +480,14 @@ impl<P: RedisPool> Store for RedisStore<P> {
         retention: Duration,
     ) -> Result<(), StoreError> {
         let encoded = record.encode();
-        let owner = owner_bytes(owner);
         let retention = millis(retention);
+        let token = if self.inner.ifeq() { self.inner.tokens().remove(&owner) } else { None };
+        if let Some(token) = token
+            && let Some(done) = self.complete_if_equal(id, owner, token, &record, &encoded, &retention).await?
+        {
+            return done;
+        }
+        let owner = owner_bytes(owner);
         let args: [&[u8]; 3] = [&owner, &encoded, &retention];
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
@@ -404,6 +502,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        if self.inner.ifeq() {
+            self.inner.tokens().remove(&owner);
+        }
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
         self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], Replicate::Never).await
