@@ -73,6 +73,8 @@ enum Served {
     Memory,
     /// Behind the layer on Redis.
     Redis,
+    /// Behind the layer on Redis, claims taking no fencing token.
+    RedisNoFencing,
     /// The handler inserting its charge in a transaction of its own.
     #[cfg(feature = "postgres")]
     PostgresFloor,
@@ -85,7 +87,7 @@ enum Served {
 impl Served {
     /// Whether the scenario talks to Redis, whose CPU and calls it reports.
     fn uses_redis(self) -> bool {
-        matches!(self, Self::RoundTrips(_) | Self::Redis)
+        matches!(self, Self::RoundTrips(_) | Self::Redis | Self::RedisNoFencing)
     }
 
     /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
@@ -619,6 +621,8 @@ fn main() {
         ("redis, first executions", Served::Redis, Keys::Fresh),
         ("redis, replays", Served::Redis, Keys::Hot),
         ("redis, duplicates", Served::Redis, Keys::Duplicates),
+        ("redis nofence, first", Served::RedisNoFencing, Keys::Fresh),
+        ("redis nofence, replays", Served::RedisNoFencing, Keys::Hot),
     ];
     #[cfg(feature = "postgres")]
     if database.is_some() {
@@ -653,6 +657,8 @@ fn main() {
                 Served::Redis => {
                     router(executions.clone()).layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous))
                 }
+                Served::RedisNoFencing => router(executions.clone())
+                    .layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous).with_fencing_tokens(false)),
                 #[cfg(feature = "postgres")]
                 Served::PostgresFloor => {
                     postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())

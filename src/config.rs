@@ -66,6 +66,8 @@ pub(crate) struct Config<St> {
     pub(crate) completed: CompletedStrategy,
     pub(crate) store_if: Arc<StoreIf>,
     pub(crate) lease: Duration,
+    /// Whether claims take fencing tokens.
+    pub(crate) fencing_tokens: bool,
     pub(crate) lease_ceiling: Duration,
     pub(crate) retention: Duration,
     pub(crate) body_limit: usize,

@@ -183,6 +183,7 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
                 store_if: Arc::new(default_store_rule),
                 lease: Duration::from_secs(30),
                 lease_ceiling: Duration::from_secs(600),
+                fencing_tokens: true,
                 retention: Duration::from_secs(24 * 3600),
                 body_limit: 1 << 20,
                 body_timeout: Duration::from_secs(30),
@@ -283,6 +284,22 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
     pub fn with_fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
         self.update(|c| c.fingerprint_headers = headers)
+    }
+
+    /// Whether claims take fencing tokens (default `true`). A handler that
+    /// never passes [`IdempotencyContext::fencing_token`] downstream does not
+    /// need them, and without them a Redis claim is one `SET … NX GET` with
+    /// no counter and no script (BENCHMARKS.md has the figures). The
+    /// context's token is then 0 (as is the one [`IdempotencyLayer::lookup`]
+    /// reports for a Redis claim in flight).
+    ///
+    /// # Example
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::memory().with_fencing_tokens(false);
+    /// # drop(layer);
+    /// ```
+    pub fn with_fencing_tokens(self, enabled: bool) -> Self {
+        self.update(|c| c.fencing_tokens = enabled)
     }
 
     /// What duplicates get while the first request runs.

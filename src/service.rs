@@ -260,7 +260,9 @@ impl<St: Store> Guarded<St> {
             let mut answered = false;
             let mut replace_completed = config.completed == CompletedStrategy::Rerun;
             loop {
-                let claim = ClaimRequest::new(id, fingerprint, config.lease).with_replace_completed(replace_completed);
+                let claim = ClaimRequest::new(id, fingerprint, config.lease)
+                    .with_replace_completed(replace_completed)
+                    .with_fencing_token(config.fencing_tokens);
                 let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                     Ok(claimed) => claimed,
                     // An answer, not a failure: the store has no room.
@@ -367,7 +369,9 @@ impl<St: Store> Guarded<St> {
     {
         let Identity { key, scope, id, fingerprint } = identity;
         self.config.metrics.count(Outcome::Executed);
-        request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, lease.fencing_token()));
+        // Without fencing tokens, every store's claims read 0, as Redis's do.
+        let token = if self.config.fencing_tokens { lease.fencing_token() } else { crate::FencingToken::new(0) };
+        request.extensions_mut().insert(IdempotencyContext::new(key, scope, id, token));
         self.config.store.attach(&lease, request.extensions_mut());
         let claim = HeldClaim::new(self.config.clone(), id, lease.owner(), fingerprint);
         let (answer, mut answered) = oneshot::channel();

@@ -20,7 +20,10 @@ use tokio::{
 };
 use tower_idempotency::{
     IdempotencyLayer, InFlightPolicy, Outcome,
-    store::redis::{RedisClusterStore, RedisStore, deadpool_redis},
+    store::{
+        Claim, ClaimRequest, RecordState, Store, StoreError,
+        redis::{RedisClusterStore, RedisStore, deadpool_redis},
+    },
 };
 
 const KEY: Option<&str> = Some("order-1");
@@ -859,4 +862,65 @@ async fn a_completion_with_waiters_wakes_them_where_the_server_takes_set_ifeq() 
     assert_eq!(waiter.body, first.body);
     assert!(woken_at.elapsed() < Duration::from_secs(2), "the waiter was not woken");
     assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test]
+async fn without_fencing_tokens_a_claim_is_one_set_and_a_stale_owner_changes_nothing() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(server.pool());
+    let id = tower_idempotency::RecordId::from_bytes([3; 32]);
+    let fingerprint = tower_idempotency::Fingerprint::from_bytes([4; 32]);
+    let request = ClaimRequest::new(id, fingerprint, Duration::from_millis(100)).with_fencing_token(false);
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    let Claim::Acquired(stale) = store.claim(request).await.unwrap() else { panic!("not acquired") };
+    assert_eq!(stale.fencing_token().get(), 0);
+    assert_eq!(scripts(), 0, "the claim ran a script");
+    // Its lease runs out; another claim takes the key.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let current = loop {
+        match store.claim(request).await.unwrap() {
+            Claim::Acquired(lease) => break lease,
+            _ => {
+                assert!(tokio::time::Instant::now() < deadline, "the lease never ran out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let record = |n: u8| {
+        tower_idempotency::Record::new(
+            fingerprint,
+            tower_idempotency::StoredResponse::new(http::StatusCode::OK, http::HeaderMap::new(), vec![n].into(), None),
+        )
+    };
+    let stale_completion = store.complete(&id, stale.owner(), record(1), Duration::from_secs(60)).await;
+    assert!(matches!(stale_completion, Err(StoreError::NotOwner)), "{stale_completion:?}");
+    assert!(matches!(store.release(&id, stale.owner()).await, Err(StoreError::NotOwner)));
+    store.complete(&id, current.owner(), record(2), Duration::from_secs(60)).await.unwrap();
+    match store.lookup(&id).await.unwrap() {
+        Some(RecordState::Completed(record)) => assert_eq!(&record.response().unwrap().body()[..], [2]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_layer_without_fencing_tokens_claims_with_no_script_and_hands_out_token_zero() {
+    let server = RedisServer::start();
+    let layer = IdempotencyLayer::redis(server.pool()).with_fencing_tokens(false);
+    let tokens = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = tokens.clone();
+    let app = app(&layer, move |request: HandlerRequest| {
+        let context = request.extensions().get::<tower_idempotency::IdempotencyContext>().cloned();
+        seen.lock().unwrap().push(context.map(|context| context.fencing_token().get()));
+        async { respond(201, "charged") }
+    });
+    assert_eq!(send(&app, post(Some("warm-up"), "a")).await.status, 201);
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    let before = scripts();
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
+    assert!(send(&app, post(KEY, "a")).await.replayed());
+    assert_eq!(send(&app, post(KEY, "b")).await.status, 422);
+    // No script for the claims; the completion is one where IFEQ is missing.
+    let expected = if takes_ifeq(&server) { 0 } else { 1 };
+    assert_eq!(scripts() - before, expected);
+    assert_eq!(*tokens.lock().unwrap(), [Some(0), Some(0)]);
 }

@@ -47,3 +47,49 @@ mod postgres_transactional {
         (store, database)
     });
 }
+
+/// Redis with claims that take no fencing token (`with_fencing_tokens(false)`
+/// on a layer): one `SET … NX GET` each.
+#[cfg(feature = "redis")]
+mod redis_without_fencing_tokens {
+    use std::time::Duration;
+
+    use crate::common::redis::shared_server;
+    use tower_idempotency::{
+        Record, RecordId,
+        store::{Claim, ClaimRequest, OwnerToken, RecordState, Store, StoreError, redis::RedisStore},
+    };
+
+    /// A store whose every claim asks for no fencing token.
+    #[derive(Clone)]
+    struct NoFencing(RedisStore);
+
+    impl Store for NoFencing {
+        async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
+            self.0.claim(request.with_fencing_token(false)).await
+        }
+        async fn complete(
+            &self,
+            id: &RecordId,
+            owner: OwnerToken,
+            record: Record,
+            retention: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(id, owner, record, retention).await
+        }
+        async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+            self.0.release(id, owner).await
+        }
+        async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
+            self.0.renew(id, owner, lease).await
+        }
+        async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
+            self.0.lookup(id).await
+        }
+        async fn wait(&self, id: &RecordId, timeout: Duration) {
+            self.0.wait(id, timeout).await
+        }
+    }
+
+    crate::conformance_tests!(no_fencing: async { (NoFencing(RedisStore::new(shared_server().pool())), ()) });
+}

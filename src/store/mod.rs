@@ -201,6 +201,7 @@ pub struct ClaimRequest {
     fingerprint: Fingerprint,
     lease: Duration,
     replace_completed: bool,
+    fencing_token: bool,
 }
 
 impl ClaimRequest {
@@ -214,7 +215,7 @@ impl ClaimRequest {
     /// assert_eq!(request.lease(), Duration::from_secs(1));
     /// ```
     pub fn new(id: RecordId, fingerprint: Fingerprint, lease: Duration) -> Self {
-        Self { id, fingerprint, lease, replace_completed: false }
+        Self { id, fingerprint, lease, replace_completed: false, fencing_token: true }
     }
 
     /// Lets the claim take over a completed record (the `Rerun` strategy).
@@ -231,6 +232,37 @@ impl ClaimRequest {
     pub fn with_replace_completed(mut self, replace: bool) -> Self {
         self.replace_completed = replace;
         self
+    }
+
+    /// Whether the claim needs a fencing token (the default). Without one a
+    /// store may claim more cheaply (Redis: one `SET … NX GET`, no counter),
+    /// and grants [`FencingToken::new(0)`](FencingToken::new).
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1))
+    ///     .with_fencing_token(false);
+    /// assert!(!request.fencing_token());
+    /// ```
+    #[must_use]
+    pub fn with_fencing_token(mut self, needed: bool) -> Self {
+        self.fencing_token = needed;
+        self
+    }
+
+    /// Whether the claim needs a fencing token.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// assert!(request.fencing_token());
+    /// ```
+    pub fn fencing_token(&self) -> bool {
+        self.fencing_token
     }
 
     /// The record claimed.

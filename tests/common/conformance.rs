@@ -57,6 +57,22 @@ macro_rules! conformance_tests {
             records_are_independent
         );
     };
+    // A store whose claims take no fencing token: every rule whose test does
+    // not compare tokens (tests/redis.rs checks a stale owner without them).
+    (no_fencing: $make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            claim_then_duplicate_is_in_flight,
+            race_of_64_claims_has_one_winner,
+            only_the_owner_can_complete_release_or_renew,
+            renew_extends_the_lease,
+            completed_record_is_returned_byte_for_byte,
+            lookup_reports_each_state,
+            replace_completed_takes_over_a_finished_record,
+            wait_wakes_when_the_record_completes,
+            wait_returns_at_once_for_a_finished_record,
+            records_are_independent
+        );
+    };
     (@each $make:expr; $($name:ident),*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

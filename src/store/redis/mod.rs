@@ -117,7 +117,7 @@ struct Inner {
     /// The fencing tokens of this store's claims in flight, by owner, while
     /// the server may take `SET … IFEQ`: with them a completion knows its
     /// in-flight value byte for byte.
-    tokens: Mutex<HashMap<OwnerToken, u64>>,
+    tokens: Mutex<HashMap<OwnerToken, Option<u64>>>,
 }
 
 const IFEQ_UNKNOWN: u8 = 0;
@@ -140,7 +140,7 @@ impl Inner {
         self.ifeq.load(Ordering::Relaxed) != IFEQ_NO
     }
 
-    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, u64>> {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, Option<u64>>> {
         // Inserts and removals never leave the map half-changed.
         self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -306,6 +306,7 @@ impl<P: RedisPool> RedisStore<P> {
                 Replicate::Never => return None,
                 Replicate::Always => None,
                 Replicate::IfAcquired => Some(acquired as fn(&Value) -> bool),
+                Replicate::IfSet => Some(set as fn(&Value) -> bool),
             };
             Some(Wait { replicas, timeout, only_if })
         });
@@ -330,6 +331,45 @@ impl<P: RedisPool> RedisStore<P> {
 }
 
 impl<P: RedisPool> RedisStore<P> {
+    /// A claim without a fencing token: one `SET record <in-flight value> NX
+    /// GET PX <lease>`, no counter and no script. The reply is nil when it
+    /// acquired, else the value found.
+    async fn claim_without_token(&self, request: ClaimRequest, owner: OwnerToken) -> Result<Claim, StoreError> {
+        let id = request.id();
+        let value = in_flight_value(owner, request.fingerprint(), None);
+        let lease = millis(request.lease());
+        let key = self.key(&id, KeyKind::Record);
+        let mut set = Cmd::with_capacity(7, key.len() + value.len() + lease.len() + 11);
+        set.arg("SET").arg(key).arg(&value[..]).arg("NX").arg("GET").arg("PX").arg(&lease[..]);
+        let sent = self.command(set, &key, Replicate::IfSet).await;
+        let (reply, replicated) = match sent {
+            Ok((Ok(reply), replicated)) => (reply, replicated),
+            Ok((Err(error), _)) => return Err(StoreError::unavailable(error)),
+            Err(error) => {
+                // It may have landed all the same: give it back.
+                let _ = self.release(&id, owner).await;
+                return Err(error);
+            }
+        };
+        match reply {
+            Value::Nil => {
+                if let Err(error) = replicated {
+                    let _ = self.release(&id, owner).await;
+                    return Err(error);
+                }
+                if self.inner.ifeq() {
+                    self.inner.tokens().insert(owner, None);
+                }
+                Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(0))))
+            }
+            Value::BulkString(value) if value.first() == Some(&IN_FLIGHT) => {
+                Ok(Claim::InFlight { fingerprint: parse_in_flight(&value)?.0 })
+            }
+            Value::BulkString(record) => Ok(Claim::Completed(Record::decode(Bytes::from(record))?)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Completes with one `SET record … IFEQ <in-flight value>` where the
     /// server takes it (Valkey 8.1, Redis 8.4): no script. `None` when the
     /// value was not the one this claim wrote (a waiter counted itself in
@@ -339,7 +379,7 @@ impl<P: RedisPool> RedisStore<P> {
         &self,
         id: &RecordId,
         owner: OwnerToken,
-        token: u64,
+        token: Option<u64>,
         record: &Record,
         encoded: &[u8],
         retention: &[u8],
@@ -373,14 +413,17 @@ impl<P: RedisPool> RedisStore<P> {
 }
 
 /// The in-flight value a claim of `owner` writes: `F`, the owner, the
-/// fingerprint, a zero waiter count, the token in decimal (claim.lua).
-fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token: u64) -> Vec<u8> {
+/// fingerprint, a zero waiter count, and the token in decimal (claim.lua),
+/// or none for a claim without one.
+fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token: Option<u64>) -> Vec<u8> {
     let mut value = Vec::with_capacity(50 + 20);
     value.push(IN_FLIGHT);
     value.extend_from_slice(&owner_bytes(owner));
     value.extend_from_slice(fingerprint.as_bytes());
     value.push(0);
-    value.extend_from_slice(token.to_string().as_bytes());
+    if let Some(token) = token {
+        value.extend_from_slice(token.to_string().as_bytes());
+    }
     value
 }
 
@@ -393,10 +436,16 @@ enum Replicate {
     /// Only when the call wrote: a claim that acquired (its reply is the
     /// fencing token), not a replay or an in-flight answer.
     IfAcquired,
+    /// Only when a `SET … NX GET` wrote (its reply is nil).
+    IfSet,
 }
 
 fn acquired(reply: &Value) -> bool {
     matches!(reply, Value::Int(_))
+}
+
+fn set(reply: &Value) -> bool {
+    matches!(reply, Value::Nil)
 }
 
 fn unexpected(value: &Value) -> StoreError {
@@ -412,8 +461,9 @@ fn millis(duration: Duration) -> Vec<u8> {
 }
 
 /// Parses an in-flight value: `F`, owner (16), fingerprint (32), waiter
-/// count (1 byte, below 48), token in decimal. Values written before the
-/// waiter count existed have none: their next byte is a digit.
+/// count (1 byte, below 48), token in decimal (none for a claim without a
+/// fencing token: it reads as 0). Values written before the waiter count
+/// existed have none: their next byte is a digit.
 fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreError> {
     let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
     if value.len() < 50 || value[0] != IN_FLIGHT {
@@ -422,6 +472,9 @@ fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreErr
     let mut fingerprint = [0; 32];
     fingerprint.copy_from_slice(&value[17..49]);
     let token = if value[49] < b'0' { &value[50..] } else { &value[49..] };
+    if token.is_empty() && value.len() == 50 {
+        return Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(0)));
+    }
     let token = std::str::from_utf8(token).ok().and_then(|t| t.parse().ok()).ok_or_else(corrupt)?;
     Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(token)))
 }
@@ -430,6 +483,10 @@ impl<P: RedisPool> Store for RedisStore<P> {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
         let id = request.id();
         let owner = self.next_owner();
+        if !request.fencing_token() && !request.replace_completed() {
+            // Boxed: see BENCHMARKS.md, "Future sizes".
+            return Box::pin(self.claim_without_token(request, owner)).await;
+        }
         let replace = if request.replace_completed() { &b"1"[..] } else { &b"0"[..] };
         let lease = millis(request.lease());
         // The fingerprint, then the in-flight value's waiter count: zero.
@@ -454,7 +511,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
                 let lease = Lease::new(owner, FencingToken::new(token));
                 if self.inner.ifeq() {
-                    self.inner.tokens().insert(owner, token);
+                    self.inner.tokens().insert(owner, Some(token));
                 }
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
@@ -602,7 +659,10 @@ mod tests {
             let (fingerprint, token) = parse_in_flight(&value).unwrap();
             assert_eq!((fingerprint, token), (Fingerprint::from_bytes([9; 32]), FencingToken::new(42)));
         }
-        assert!(parse_in_flight(&[&head[..], &[3]].concat()).is_err(), "no token");
+        // A claim without a fencing token writes none: it reads as 0.
+        let (_, token) = parse_in_flight(&[&head[..], &[3]].concat()).unwrap();
+        assert_eq!(token, FencingToken::new(0));
+        assert!(parse_in_flight(&head).is_err(), "no waiter count either");
         assert!(parse_in_flight(&[&head[..], b"4x"].concat()).is_err(), "not a number");
     }
 
