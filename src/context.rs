@@ -100,7 +100,7 @@ impl IdempotencyContext {
 }
 
 #[cfg(feature = "axum")]
-mod extract {
+pub(crate) mod extract {
     use axum_core::{
         extract::{FromRequestParts, OptionalFromRequestParts},
         response::{IntoResponse, Response},
@@ -118,18 +118,26 @@ mod extract {
         type Rejection = Response;
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-            parts.extensions.get::<Self>().cloned().ok_or_else(|| {
-                // The layer passed the request through (keys are optional
-                // unless it requires them), so it counted nothing: say so.
-                tracing::debug!(outcome = "rejected", rejection = "missing-key", "IdempotencyContext extractor");
-                let grpc = crate::policy::is_grpc(&parts.headers);
-                Rejection::new(RejectionKind::MissingKey, grpc)
-                    .with_detail(EXTRACTOR_DETAIL)
-                    .default_response()
-                    .map(axum_core::body::Body::from)
-                    .into_response()
-            })
+            parts
+                .extensions
+                .get::<Self>()
+                .cloned()
+                .ok_or_else(|| missing_key(parts, "IdempotencyContext", EXTRACTOR_DETAIL))
         }
+    }
+
+    /// The 400 `missing-key` of an extractor of what only guarded requests
+    /// carry, its detail saying why. The layer passed the request through
+    /// (keys are optional unless it requires them), so it counted nothing:
+    /// this logs it.
+    pub(crate) fn missing_key(parts: &Parts, extractor: &'static str, detail: &'static str) -> Response {
+        tracing::debug!(outcome = "rejected", rejection = "missing-key", extractor, "extractor without a key");
+        let grpc = crate::policy::is_grpc(&parts.headers);
+        Rejection::new(RejectionKind::MissingKey, grpc)
+            .with_detail(detail)
+            .default_response()
+            .map(axum_core::body::Body::from)
+            .into_response()
     }
 
     impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyContext {

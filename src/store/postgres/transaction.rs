@@ -193,12 +193,12 @@ impl OpenTransactions {
 mod extract {
     use axum_core::{
         extract::{FromRequestParts, OptionalFromRequestParts},
-        response::{IntoResponse, Response},
+        response::Response,
     };
     use http::request::Parts;
 
     use super::RequestTransaction;
-    use crate::{Rejection, RejectionKind};
+    use crate::context::extract::missing_key;
 
     const EXTRACTOR_DETAIL: &str = "Send an Idempotency-Key header with this request: its handler writes in the \
                                     request's transaction, which only requests with a key have.";
@@ -207,15 +207,11 @@ mod extract {
         type Rejection = Response;
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-            parts.extensions.get::<Self>().cloned().ok_or_else(|| {
-                tracing::debug!(outcome = "rejected", rejection = "missing-key", "RequestTransaction extractor");
-                let grpc = crate::policy::is_grpc(&parts.headers);
-                Rejection::new(RejectionKind::MissingKey, grpc)
-                    .with_detail(EXTRACTOR_DETAIL)
-                    .default_response()
-                    .map(axum_core::body::Body::from)
-                    .into_response()
-            })
+            parts
+                .extensions
+                .get::<Self>()
+                .cloned()
+                .ok_or_else(|| missing_key(parts, "RequestTransaction", EXTRACTOR_DETAIL))
         }
     }
 
