@@ -55,7 +55,9 @@
 mod keys;
 mod pool;
 mod script;
+mod value;
 mod waiters;
+mod without_scripts;
 
 use std::{
     collections::HashMap,
@@ -74,15 +76,14 @@ use self::{
     keys::{Key, KeyKind},
     pool::{RedisResult, Replicated, SharedConnection, Wait},
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
+    value::{IN_FLIGHT, found, parse_in_flight},
     waiters::Waiters,
 };
 use super::{Claim, ClaimRequest, Lease, OwnerToken, OwnerTokens, RecordState, Store, StoreError};
-use crate::{FencingToken, Fingerprint, Record, RecordId};
+use crate::{FencingToken, Record, RecordId};
 
 pub use self::pool::RedisPool;
 pub use deadpool_redis;
-
-const IN_FLIGHT: u8 = b'F';
 
 /// A store on Redis: one Redis through [`deadpool_redis::Pool`], or a Redis
 /// Cluster through [`deadpool_redis::cluster::Pool`] ([`RedisClusterStore`]).
@@ -335,103 +336,6 @@ impl<P: RedisPool> RedisStore<P> {
     }
 }
 
-impl<P: RedisPool> RedisStore<P> {
-    /// A claim without a fencing token: one `SET record <in-flight value> NX
-    /// GET PX <lease>`, no counter and no script. The reply is nil when it
-    /// acquired, else the value found.
-    async fn claim_without_token(&self, request: ClaimRequest, owner: OwnerToken) -> Result<Claim, StoreError> {
-        let id = request.id();
-        let value = in_flight_value(owner, request.fingerprint(), None);
-        let lease = millis(request.lease());
-        let key = self.key(&id, KeyKind::Record);
-        let mut set = Cmd::with_capacity(7, key.len() + value.len() + lease.len() + 11);
-        set.arg("SET").arg(key).arg(&value[..]).arg("NX").arg("GET").arg("PX").arg(&lease[..]);
-        let sent = self.command(set, &key, Replicate::IfSet).await;
-        let (reply, replicated) = match sent {
-            Ok((Ok(reply), replicated)) => (reply, replicated),
-            Ok((Err(error), _)) => return Err(StoreError::unavailable(error)),
-            Err(error) => {
-                // It may have landed all the same: give it back.
-                let _ = self.release(&id, owner).await;
-                return Err(error);
-            }
-        };
-        match reply {
-            Value::Nil => {
-                if let Err(error) = replicated {
-                    let _ = self.release(&id, owner).await;
-                    return Err(error);
-                }
-                if self.inner.ifeq() {
-                    self.inner.tokens().insert(owner, None);
-                }
-                Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(0))))
-            }
-            Value::BulkString(value) if value.first() == Some(&IN_FLIGHT) => {
-                Ok(Claim::InFlight { fingerprint: parse_in_flight(&value)?.0 })
-            }
-            Value::BulkString(record) => Ok(Claim::Completed(Record::decode(Bytes::from(record))?)),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Completes with one `SET record … IFEQ <in-flight value>` where the
-    /// server takes it (Valkey 8.1, Redis 8.4): no script. `None` when the
-    /// value was not the one this claim wrote (a waiter counted itself in
-    /// it, a stale owner, a completion retried) or the server does not
-    /// take `IFEQ`: the completion script decides then.
-    async fn complete_if_equal(
-        &self,
-        id: &RecordId,
-        owner: OwnerToken,
-        token: Option<u64>,
-        record: &Record,
-        encoded: &[u8],
-        retention: &[u8],
-    ) -> Result<Option<Result<(), StoreError>>, StoreError> {
-        let in_flight = in_flight_value(owner, record.fingerprint(), token);
-        let key = self.key(id, KeyKind::Record);
-        let mut set = Cmd::with_capacity(7, key.len() + encoded.len() + in_flight.len() + retention.len() + 12);
-        set.arg("SET").arg(key).arg(encoded).arg("IFEQ").arg(&in_flight[..]).arg("PX").arg(retention);
-        let (reply, replicated) = self.command(set, &key, Replicate::Always).await?;
-        match reply {
-            Ok(Value::Okay) => {
-                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
-                Ok(Some(replicated))
-            }
-            Ok(Value::Nil) => {
-                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
-                Ok(None)
-            }
-            // A server without `IFEQ` refuses the syntax, and changes nothing.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
-                if self.inner.ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
-                    tracing::debug!(%error, "the Redis server does not take SET IFEQ: completions run a script");
-                }
-                self.inner.tokens().clear();
-                Ok(None)
-            }
-            Err(error) => Err(StoreError::unavailable(error)),
-            Ok(other) => Err(unexpected(&other)),
-        }
-    }
-}
-
-/// The in-flight value a claim of `owner` writes: `F`, the owner, the
-/// fingerprint, a zero waiter count, and the token in decimal (claim.lua),
-/// or none for a claim without one.
-fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token: Option<u64>) -> Vec<u8> {
-    let mut value = Vec::with_capacity(50 + 20);
-    value.push(IN_FLIGHT);
-    value.extend_from_slice(&owner_bytes(owner));
-    value.extend_from_slice(fingerprint.as_bytes());
-    value.push(0);
-    if let Some(token) = token {
-        value.extend_from_slice(token.to_string().as_bytes());
-    }
-    value
-}
-
 /// Which calls wait for replicas, with [`RedisStore::with_replicas`].
 #[derive(Clone, Copy)]
 enum Replicate {
@@ -463,25 +367,6 @@ fn owner_bytes(owner: OwnerToken) -> [u8; 16] {
 
 fn millis(duration: Duration) -> Vec<u8> {
     duration.as_millis().clamp(1, u128::from(u64::MAX)).to_string().into_bytes()
-}
-
-/// Parses an in-flight value: `F`, owner (16), fingerprint (32), waiter
-/// count (1 byte, below 48), token in decimal (none for a claim without a
-/// fencing token: it reads as 0). Values written before the waiter count
-/// existed have none: their next byte is a digit.
-fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreError> {
-    let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
-    if value.len() < 50 || value[0] != IN_FLIGHT {
-        return Err(corrupt());
-    }
-    let mut fingerprint = [0; 32];
-    fingerprint.copy_from_slice(&value[17..49]);
-    let token = if value[49] < b'0' { &value[50..] } else { &value[49..] };
-    if token.is_empty() && value.len() == 50 {
-        return Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(0)));
-    }
-    let token = std::str::from_utf8(token).ok().and_then(|t| t.parse().ok()).ok_or_else(corrupt)?;
-    Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(token)))
 }
 
 impl<P: RedisPool> Store for RedisStore<P> {
@@ -526,10 +411,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
                 }
                 Ok(Claim::Acquired(lease))
             }
-            Value::BulkString(value) if value.first() == Some(&IN_FLIGHT) => {
-                Ok(Claim::InFlight { fingerprint: parse_in_flight(&value)?.0 })
-            }
-            Value::BulkString(record) => Ok(Claim::Completed(Record::decode(Bytes::from(record))?)),
+            Value::BulkString(value) => found(value),
             other => Err(unexpected(&other)),
         }
     }
@@ -602,6 +484,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Fingerprint;
 
     #[tokio::test]
     async fn a_store_and_a_changed_copy_never_share_owner_tokens() {
@@ -653,22 +536,6 @@ mod tests {
         let sizes = future_sizes(&RedisStore::new(cluster.unwrap()));
         println!("cluster: store call futures {sizes:?} B");
         assert!(sizes.iter().all(|&size| size <= 2048), "cluster: future sizes {sizes:?}");
-    }
-
-    #[test]
-    fn in_flight_values_read_with_and_without_a_waiter_count() {
-        let head = [&b"F"[..], &[7; 16], &[9; 32]].concat();
-        let counted = [&head[..], &[3], b"42"].concat();
-        let uncounted = [&head[..], b"42"].concat();
-        for value in [counted, uncounted] {
-            let (fingerprint, token) = parse_in_flight(&value).unwrap();
-            assert_eq!((fingerprint, token), (Fingerprint::from_bytes([9; 32]), FencingToken::new(42)));
-        }
-        // A claim without a fencing token writes none: it reads as 0.
-        let (_, token) = parse_in_flight(&[&head[..], &[3]].concat()).unwrap();
-        assert_eq!(token, FencingToken::new(0));
-        assert!(parse_in_flight(&head).is_err(), "no waiter count either");
-        assert!(parse_in_flight(&[&head[..], b"4x"].concat()).is_err(), "not a number");
     }
 
     #[tokio::test]

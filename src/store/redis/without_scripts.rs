@@ -1,0 +1,100 @@
+//! The calls that need no script: a claim without a fencing token (`SET …
+//! NX GET`), and a completion where the server takes `SET … IFEQ`.
+
+use std::sync::atomic::Ordering;
+
+use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
+
+use super::{
+    IFEQ_NO, IFEQ_YES, RedisPool, RedisStore, Replicate,
+    keys::KeyKind,
+    millis, unexpected,
+    value::{found, in_flight_value},
+};
+use crate::{
+    FencingToken, Record, RecordId,
+    store::{Claim, ClaimRequest, Lease, OwnerToken, Store, StoreError},
+};
+
+impl<P: RedisPool> RedisStore<P> {
+    /// A claim without a fencing token: one `SET record <in-flight value> NX
+    /// GET PX <lease>`, no counter and no script. The reply is nil when it
+    /// acquired, else the value found.
+    pub(super) async fn claim_without_token(
+        &self,
+        request: ClaimRequest,
+        owner: OwnerToken,
+    ) -> Result<Claim, StoreError> {
+        let id = request.id();
+        let value = in_flight_value(owner, request.fingerprint(), None);
+        let lease = millis(request.lease());
+        let key = self.key(&id, KeyKind::Record);
+        let mut set = Cmd::with_capacity(7, key.len() + value.len() + lease.len() + 11);
+        set.arg("SET").arg(key).arg(&value[..]).arg("NX").arg("GET").arg("PX").arg(&lease[..]);
+        let sent = self.command(set, &key, Replicate::IfSet).await;
+        let (reply, replicated) = match sent {
+            Ok((Ok(reply), replicated)) => (reply, replicated),
+            Ok((Err(error), _)) => return Err(StoreError::unavailable(error)),
+            Err(error) => {
+                // It may have landed all the same: give it back.
+                let _ = self.release(&id, owner).await;
+                return Err(error);
+            }
+        };
+        match reply {
+            Value::Nil => {
+                if let Err(error) = replicated {
+                    let _ = self.release(&id, owner).await;
+                    return Err(error);
+                }
+                if self.inner.ifeq() {
+                    self.inner.tokens().insert(owner, None);
+                }
+                Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(0))))
+            }
+            Value::BulkString(value) => found(value),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Completes with one `SET record … IFEQ <in-flight value>` where the
+    /// server takes it (Valkey 8.1, Redis 8.4): no script. `None` when the
+    /// value was not the one this claim wrote (a waiter counted itself in
+    /// it, a stale owner, a completion retried) or the server does not
+    /// take `IFEQ`: the completion script decides then.
+    pub(super) async fn complete_if_equal(
+        &self,
+        id: &RecordId,
+        owner: OwnerToken,
+        token: Option<u64>,
+        record: &Record,
+        encoded: &[u8],
+        retention: &[u8],
+    ) -> Result<Option<Result<(), StoreError>>, StoreError> {
+        let in_flight = in_flight_value(owner, record.fingerprint(), token);
+        let key = self.key(id, KeyKind::Record);
+        let mut set = Cmd::with_capacity(7, key.len() + encoded.len() + in_flight.len() + retention.len() + 12);
+        set.arg("SET").arg(key).arg(encoded).arg("IFEQ").arg(&in_flight[..]).arg("PX").arg(retention);
+        let (reply, replicated) = self.command(set, &key, Replicate::Always).await?;
+        match reply {
+            Ok(Value::Okay) => {
+                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                Ok(Some(replicated))
+            }
+            Ok(Value::Nil) => {
+                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                Ok(None)
+            }
+            // A server without `IFEQ` refuses the syntax, and changes nothing.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                if self.inner.ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
+                    tracing::debug!(%error, "the Redis server does not take SET IFEQ: completions run a script");
+                }
+                self.inner.tokens().clear();
+                Ok(None)
+            }
+            Err(error) => Err(StoreError::unavailable(error)),
+            Ok(other) => Err(unexpected(&other)),
+        }
+    }
+}
