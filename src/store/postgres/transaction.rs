@@ -1,5 +1,6 @@
 //! The request's transaction, under a transactional [`PostgresStore`]: the
-//! inner service writes in it, and the store commits the record in it.
+//! claim that opens it on the connection holding the record's lock, what
+//! the inner service writes in, and the commit of the record in it.
 //!
 //! [`PostgresStore`]: super::PostgresStore
 
@@ -8,12 +9,17 @@ use std::{
     fmt,
     ops::{Deref, DerefMut},
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
-use sqlx::{PgConnection, Postgres};
+use sqlx::{PgConnection, Postgres, Row};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
-use crate::store::OwnerToken;
+use super::{PostgresStore, fencing_token, fingerprint_column, millis, record_of};
+use crate::{
+    RecordId,
+    store::{Claim, ClaimRequest, Lease, OwnerToken, StoreError},
+};
 
 type Transaction = sqlx::Transaction<'static, Postgres>;
 
@@ -186,6 +192,148 @@ impl OpenTransactions {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, RequestTransaction>> {
         // A panic never leaves the map half-changed.
         self.by_owner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl PostgresStore {
+    /// The advisory lock key of `id`'s claims in transactional mode.
+    fn lock_key(&self, id: &RecordId) -> i64 {
+        let bytes = id.as_bytes();
+        i64::from_be_bytes(std::array::from_fn(|i| bytes[i])) ^ self.inner.lock_salt
+    }
+
+    /// A claim in transactional mode: on a connection of its own, which
+    /// holds the record's lock from the claim statement on and, when the
+    /// claim is granted, carries the request's transaction.
+    pub(super) async fn claim_in_session(
+        &self,
+        request: ClaimRequest,
+        transactions: &OpenTransactions,
+    ) -> Result<Claim, StoreError> {
+        let owner = self.next_owner();
+        let id = request.id();
+        let lock = self.lock_key(&id);
+        let mut connection = MayHoldLock(Some(self.inner.pool.acquire().await.map_err(StoreError::unavailable)?));
+        // The lock was busy but no record in sight: a concurrent claim
+        // between its lock and its commit, or a duplicate's brief look.
+        // Tries again a little later, for up to two seconds.
+        let mut pause = Duration::from_micros(200);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < give_up {
+            let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.claim_session.as_str()))
+                .bind(id.as_bytes().as_slice())
+                .bind(owner.as_u128().to_be_bytes().as_slice())
+                .bind(request.fingerprint().as_bytes().as_slice())
+                .bind(millis(request.lease()))
+                .bind(request.replace_completed())
+                .bind(lock)
+                .fetch_one(connection.get()?)
+                .await
+                .map_err(StoreError::unavailable)?;
+            let state: Option<String> = row.try_get("state").map_err(StoreError::unavailable)?;
+            if state.as_deref().is_some_and(|state| state != "acquired") {
+                // The statement kept no lock, and the connection is done.
+                connection.release();
+            }
+            return match state.as_deref() {
+                None => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(10));
+                    continue;
+                }
+                Some("acquired") => {
+                    let lease = Lease::new(owner, fencing_token(&row)?);
+                    // The session's lock becomes the transaction's: it goes
+                    // with the commit, the rollback or the session.
+                    let begin =
+                        format!("BEGIN; SELECT pg_advisory_xact_lock({lock}); SELECT pg_advisory_unlock({lock})");
+                    let begin = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin));
+                    // From its first poll on, `BEGIN` is queued on the
+                    // connection: dropped then, sqlx flushes it and rolls back
+                    // before pooling the connection. (`Transaction::begin` is
+                    // hidden in sqlx's docs, but public: its pool begins
+                    // transactions on a connection it holds the same way.)
+                    let connection = connection.release().ok_or_else(|| StoreError::unavailable("no connection"))?;
+                    match sqlx::Transaction::begin(connection, Some(begin)).await {
+                        Ok(transaction) => {
+                            transactions.open(owner, transaction);
+                            Ok(Claim::Acquired(lease))
+                        }
+                        Err(error) => {
+                            let _ = self.release_row(&id, owner).await;
+                            Err(StoreError::unavailable(error))
+                        }
+                    }
+                }
+                Some("in_flight") => Ok(Claim::InFlight { fingerprint: fingerprint_column(&row)? }),
+                Some(_) => Ok(Claim::Completed(record_of(&row)?)),
+            };
+        }
+        Err(StoreError::unavailable("a claim found the record's lock held and no record for two seconds"))
+    }
+
+    /// Completes a claim in its request's transaction, and commits.
+    pub(super) async fn commit(
+        &self,
+        transaction: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+        id: &RecordId,
+        owner: OwnerToken,
+        record: &[u8],
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let Some(mut transaction) = transaction else {
+            return Err(StoreError::unavailable("the request's transaction was ended by its handler"));
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.complete.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice())
+            .bind(record)
+            .bind(millis(retention))
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(StoreError::unavailable)?;
+        let done: i64 = row.try_get("done").map_err(StoreError::unavailable)?;
+        if done != 1 {
+            // Another owner holds the key: nothing this request wrote stays.
+            let _ = transaction.rollback().await;
+            return Err(StoreError::NotOwner);
+        }
+        transaction.commit().await.map_err(StoreError::unavailable)
+    }
+
+    /// Deletes the in-flight record of `owner`.
+    pub(super) async fn release_row(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
+        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.release.as_str()))
+            .bind(id.as_bytes().as_slice())
+            .bind(owner.as_u128().to_be_bytes().as_slice());
+        self.settled(query).await
+    }
+}
+
+/// A pooled connection whose session may hold a record's advisory lock (a
+/// claim statement in flight): if dropped so, it is closed rather than
+/// pooled, so that its session ends and frees the lock. A claim whose
+/// future is dropped mid-statement would otherwise lock its key out for as
+/// long as the pool keeps the connection.
+struct MayHoldLock(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl MayHoldLock {
+    fn get(&mut self) -> Result<&mut sqlx::PgConnection, StoreError> {
+        self.0.as_deref_mut().ok_or_else(|| StoreError::unavailable("the claim's connection was given back"))
+    }
+
+    /// The connection, known to hold no lock of its own any more (or
+    /// handing it to a transaction).
+    fn release(&mut self) -> Option<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.0.take()
+    }
+}
+
+impl Drop for MayHoldLock {
+    fn drop(&mut self) {
+        if let Some(connection) = &mut self.0 {
+            connection.close_on_drop();
+        }
     }
 }
 
