@@ -3,6 +3,8 @@
 //! completes or releases the claim. It runs to the end even when the client
 //! has gone.
 
+mod commit;
+
 use std::{
     collections::VecDeque,
     future::{Future, poll_fn},
@@ -20,7 +22,7 @@ use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
-    BoxError, Fingerprint, NotStored, Record, RejectionKind, ResponseBody, StoreResponse,
+    BoxError, Fingerprint, NotStored, Record, ResponseBody, StoreResponse,
     claim::HeldClaim,
     future::BoxFuture,
     policy::{effective_status, is_grpc, is_stored},
@@ -184,7 +186,7 @@ where
         }
         if claim.config.store.commits_handler_writes() {
             // Boxed: see BENCHMARKS.md, "Future sizes".
-            Box::pin(commit_then_answer(claim, body, parts, verdict, answer)).await;
+            Box::pin(commit::commit_then_answer(claim, body, parts, verdict, answer)).await;
             return;
         }
         let mut recorder = Recorder::new(&parts, claim.config.response_limit, verdict);
@@ -247,113 +249,6 @@ where
         // The body streams. Boxed: see BENCHMARKS.md, "Future sizes".
         Box::pin(stream(&mut claim, body, recorder, early, parts, answer)).await;
     }
-}
-
-/// Records a response for a store that commits the inner service's writes
-/// with it: takes the body up to the storage cap, commits, and only then
-/// answers, so a client never holds a response whose writes were not kept.
-/// A body over the cap commits as not stored and streams on at the
-/// client's pace; a body that fails commits as failed (the writes stand, the
-/// key never runs again); a commit that fails answers
-/// [`RejectionKind::NotCommitted`] instead, its claim given back.
-async fn commit_then_answer<St, ResB, E>(
-    mut claim: HeldClaim<St>,
-    body: ResB,
-    parts: http::response::Parts,
-    verdict: Option<StoreResponse>,
-    answer: Answer<ResB, E>,
-) where
-    St: Store,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
-{
-    let mut recorder = Recorder::new(&parts, claim.config.response_limit, verdict);
-    let mut body = pin!(body);
-    let mut taken = VecDeque::new();
-    let fingerprint = claim.fingerprint;
-    let ended = loop {
-        if recorder.too_large {
-            break false;
-        }
-        let frame = match AssertUnwindSafe(claim.while_renewing(body.frame())).catch_unwind().await {
-            Ok(frame) => frame.map(|frame| frame.map_err(Into::<BoxError>::into)),
-            Err(_panic) => Some(Err(body_panicked())),
-        };
-        match frame {
-            None => break true,
-            Some(Ok(frame)) => {
-                recorder.observe(&frame);
-                match frame.into_data() {
-                    Ok(data) => taken.push_back(data),
-                    // Trailers end a body.
-                    Err(_) => break true,
-                }
-            }
-            Some(Err(error)) => {
-                let failed = Record::not_stored(fingerprint, NotStored::BodyFailed);
-                let response = match claim.commit(failed).await {
-                    Ok(()) => {
-                        let (client, frames) = mpsc::unbounded_channel();
-                        let _ = client.send(Message::Error(error));
-                        Response::from_parts(parts, ResponseBody::streamed(taken, frames))
-                    }
-                    Err(_) => not_committed(&claim, &parts),
-                };
-                let _ = answer.send(Ok(response));
-                return;
-            }
-        }
-    };
-    let record = if !ended {
-        Record::not_stored(fingerprint, NotStored::TooLarge)
-    } else if let Some(status) = recorder.trailer_status()
-        && !is_stored(&*claim.config.store_if, recorder.verdict, status)
-    {
-        claim.release().await;
-        let trailers = recorder.trailers.as_deref().cloned();
-        let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(taken, trailers))));
-        return;
-    } else {
-        recorder.build_record(fingerprint, taken.make_contiguous())
-    };
-    if claim.commit(record).await.is_err() {
-        let _ = answer.send(Ok(not_committed(&claim, &parts)));
-        return;
-    }
-    if ended {
-        let trailers = recorder.trailers.as_deref().cloned();
-        let _ = answer.send(Ok(Response::from_parts(parts, ResponseBody::buffered(taken, trailers))));
-        return;
-    }
-    // Over the cap and committed: the rest streams at the client's pace.
-    let (frames, client_frames) = mpsc::unbounded_channel();
-    let head = Response::from_parts(parts, ResponseBody::streamed(taken, client_frames));
-    let frames = answer.send(Ok(head)).is_ok().then_some(frames);
-    let mut client = Client { frames, pace: Some(Arc::new(Semaphore::new(STREAM_BUFFER))) };
-    while client.frames.is_some() {
-        let frame = match AssertUnwindSafe(body.frame()).catch_unwind().await {
-            Ok(frame) => frame.map(|frame| frame.map_err(Into::<BoxError>::into)),
-            Err(_panic) => Some(Err(body_panicked())),
-        };
-        let last = match frame {
-            Some(Ok(frame)) => {
-                client.send_all([Some(frame)]).await;
-                continue;
-            }
-            None => Message::End,
-            Some(Err(error)) => Message::Error(error),
-        };
-        client.put(last);
-        break;
-    }
-}
-
-/// The answer to a request whose commit failed, in its response's protocol.
-fn not_committed<St, B>(claim: &HeldClaim<St>, parts: &http::response::Parts) -> Response<ResponseBody<B>>
-where
-    St: Store,
-{
-    claim.config.reject(RejectionKind::NotCommitted, is_grpc(&parts.headers))
 }
 
 fn body_panicked() -> BoxError {
