@@ -924,3 +924,67 @@ async fn a_layer_without_fencing_tokens_claims_with_no_script_and_hands_out_toke
     assert_eq!(scripts() - before, expected);
     assert_eq!(*tokens.lock().unwrap(), [Some(0), Some(0)]);
 }
+
+/// A proxy in front of `target` that loses the reply to the first command
+/// carrying `NX` that it forwards: it closes that client connection instead
+/// of passing the reply on. Other connections and commands pass.
+async fn losing_the_reply_to_nx(target: u16) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let armed = Arc::new(AtomicBool::new(true));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let lose = Arc::new(AtomicBool::new(false));
+            let (armed, lose_up, lose_down) = (armed.clone(), lose.clone(), lose);
+            tokio::spawn(async move {
+                let mut buffer = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
+                    if buffer[..n].windows(4).any(|w| w == b"\r\nNX") && armed.swap(false, Ordering::SeqCst) {
+                        lose_up.store(true, Ordering::SeqCst);
+                    }
+                    if server_write.write_all(&buffer[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buffer = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+                    if lose_down.load(Ordering::SeqCst) {
+                        return; // drops the client's side: the reply is lost
+                    }
+                    if client_write.write_all(&buffer[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_claim_without_fencing_token_whose_reply_is_lost_is_given_back() {
+    let server = RedisServer::start();
+    let port = losing_the_reply_to_nx(server.port).await;
+    let pool = deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{port}"))
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let store = RedisStore::new(pool);
+    let id = tower_idempotency::RecordId::from_bytes([6; 32]);
+    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_secs(600))
+        .with_fencing_token(false);
+    assert!(store.claim(request).await.is_err(), "the reply was lost");
+    // The claim landed; the store gave it back rather than leave the key
+    // in flight for its ten-minute lease.
+    let key = store.record_key(&id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while server.command(&["EXISTS", &key]).contains(":1") {
+        assert!(tokio::time::Instant::now() < deadline, "the lost claim still holds its key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(store.claim(request).await.unwrap(), Claim::Acquired(_)));
+}

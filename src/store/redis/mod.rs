@@ -129,6 +129,8 @@ struct Inner {
 const IFEQ_UNKNOWN: u8 = 0;
 const IFEQ_YES: u8 = 1;
 const IFEQ_NO: u8 = 2;
+/// Claims in flight whose tokens a store keeps at most.
+const MAX_REMEMBERED_TOKENS: usize = 100_000;
 
 impl Inner {
     fn with(prefix: String, replicas: Option<(u32, Duration)>) -> Self {
@@ -149,6 +151,22 @@ impl Inner {
     fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, Option<u64>>> {
         // Inserts and removals never leave the map half-changed.
         self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps the token of a claim of `owner` for its completion's `IFEQ`,
+    /// while the server may take it.
+    fn remember_token(&self, owner: OwnerToken, token: Option<u64>) {
+        if !self.ifeq() {
+            return;
+        }
+        let mut tokens = self.tokens();
+        // Claims never settled (the Store API used directly, then dropped)
+        // cannot grow it without bound: a forgotten token only costs its
+        // completion the script.
+        if tokens.len() >= MAX_REMEMBERED_TOKENS {
+            tokens.clear();
+        }
+        tokens.insert(owner, token);
     }
 }
 
@@ -400,9 +418,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
                 let lease = Lease::new(owner, FencingToken::new(token));
-                if self.inner.ifeq() {
-                    self.inner.tokens().insert(owner, Some(token));
-                }
+                self.inner.remember_token(owner, Some(token));
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
                     // Boxed: see BENCHMARKS.md, "Future sizes".

@@ -34,6 +34,7 @@ impl<P: RedisPool> RedisStore<P> {
         let sent = self.command(set, &key, Replicate::IfSet).await;
         let (reply, replicated) = match sent {
             Ok((Ok(reply), replicated)) => (reply, replicated),
+            // The server refused the command: it wrote nothing.
             Ok((Err(error), _)) => return Err(StoreError::unavailable(error)),
             Err(error) => {
                 // It may have landed all the same: give it back.
@@ -47,9 +48,7 @@ impl<P: RedisPool> RedisStore<P> {
                     let _ = self.release(&id, owner).await;
                     return Err(error);
                 }
-                if self.inner.ifeq() {
-                    self.inner.tokens().insert(owner, None);
-                }
+                self.inner.remember_token(owner, None);
                 Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(0))))
             }
             Value::BulkString(value) => found(value),
