@@ -349,7 +349,8 @@ mod extract {
     use crate::context::extract::missing_key;
 
     const EXTRACTOR_DETAIL: &str = "Send an Idempotency-Key header with this request: its handler writes in the \
-                                    request's transaction, which only requests with a key have.";
+                                    request's transaction, which only requests the idempotency layer guards have \
+                                    (with a key, and while its store answers).";
 
     impl<S: Send + Sync> FromRequestParts<S> for RequestTransaction {
         type Rejection = Response;
