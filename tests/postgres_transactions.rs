@@ -69,8 +69,7 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
                         Ok(http_body::Frame::data(bytes::Bytes::from_static(b"partial"))),
                         Err(std::io::Error::other("the body broke")),
                     ]);
-                    let mut response =
-                        http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+                    let mut response = streamed(frames);
                     *response.status_mut() = http::StatusCode::CREATED;
                     response
                 }
@@ -81,8 +80,7 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
                         Ok::<_, std::io::Error>(http_body::Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\0"))),
                         Ok(http_body::Frame::trailers(trailers)),
                     ]);
-                    let mut response =
-                        http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames)));
+                    let mut response = streamed(frames);
                     response.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
                     response
                 }
@@ -101,6 +99,13 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
         }
     });
     (app, gate, calls, held_backends)
+}
+
+/// A 200 whose body streams `frames`.
+fn streamed(
+    frames: impl futures_util::Stream<Item = Result<http_body::Frame<bytes::Bytes>, std::io::Error>> + Send + Sync + 'static,
+) -> http::Response<TestBody> {
+    http::Response::new(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(frames)))
 }
 
 fn request(path: &str, key: &str, body: &'static str) -> Request<http_body_util::Full<bytes::Bytes>> {

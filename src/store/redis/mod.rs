@@ -153,6 +153,15 @@ impl Inner {
         self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The token kept for a claim of `owner`, no longer kept: `None` when
+    /// none was (the server takes no `IFEQ`, or it was forgotten).
+    fn take_token(&self, owner: OwnerToken) -> Option<Option<u64>> {
+        if !self.ifeq() {
+            return None;
+        }
+        self.tokens().remove(&owner)
+    }
+
     /// Keeps the token of a claim of `owner` for its completion's `IFEQ`,
     /// while the server may take it.
     fn remember_token(&self, owner: OwnerToken, token: Option<u64>) {
@@ -441,7 +450,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
     ) -> Result<(), StoreError> {
         let encoded = record.encode();
         let retention = millis(retention);
-        let token = if self.inner.ifeq() { self.inner.tokens().remove(&owner) } else { None };
+        let token = self.inner.take_token(owner);
         if let Some(token) = token
             && let Some(done) = self.complete_if_equal(id, owner, token, &record, &encoded, &retention).await?
         {
@@ -462,9 +471,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        if self.inner.ifeq() {
-            self.inner.tokens().remove(&owner);
-        }
+        self.inner.take_token(owner);
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
         self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], Replicate::Never).await
