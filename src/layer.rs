@@ -288,10 +288,9 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
 
     /// Whether claims take fencing tokens (default `true`). A handler that
     /// never passes [`IdempotencyContext::fencing_token`](crate::IdempotencyContext::fencing_token) downstream does not
-    /// need them, and without them a Redis claim is one `SET … NX GET` with
-    /// no counter and no script (BENCHMARKS.md has the figures). The
-    /// context's token is then 0 (as is the one [`IdempotencyLayer::lookup`]
-    /// reports for a Redis claim in flight).
+    /// need them, and without them a Redis claim is one `SET … NX GET`, not a
+    /// transaction that also increments a counter (BENCHMARKS.md has the
+    /// figures). The context's token is then 0.
     ///
     /// # Example
     /// ```

@@ -84,9 +84,27 @@ fn rand_u64() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// The commands' names, a transaction (`MULTI` … `EXEC`, written at once:
+/// one round trip) as one `MULTI…EXEC` entry with its commands inside.
 fn names(commands: &[String]) -> Vec<String> {
-    commands.iter().map(|c| c.split('"').nth(1).unwrap_or("").to_uppercase()).collect()
+    let mut names: Vec<String> = Vec::new();
+    let mut transaction: Option<Vec<String>> = None;
+    for name in commands.iter().map(|c| c.split('"').nth(1).unwrap_or("").to_uppercase()) {
+        match (name.as_str(), transaction.as_mut()) {
+            ("MULTI", None) => transaction = Some(Vec::new()),
+            ("EXEC", Some(_)) => {
+                let inside = transaction.take().unwrap_or_default();
+                names.push(format!("MULTI {} EXEC", inside.join(" ")));
+            }
+            (_, Some(inside)) => inside.push(name),
+            (_, None) => names.push(name),
+        }
+    }
+    names
 }
+
+/// A claim: a transaction, no script.
+const CLAIM: &str = "MULTI INCR SET EXEC";
 
 #[tokio::test]
 async fn round_trips_first_two_replay_one_in_flight_one() {
@@ -101,9 +119,9 @@ async fn round_trips_first_two_replay_one_in_flight_one() {
     let completion = if takes_ifeq(&server) { "SET" } else { "EVALSHA" };
     monitor.take();
     send(&app, post(KEY, "a")).await;
-    assert_eq!(names(&monitor.take()), ["EVALSHA", completion], "first execution: claim, complete");
+    assert_eq!(names(&monitor.take()), [CLAIM, completion], "first execution: claim, complete");
     assert!(send(&app, post(KEY, "a")).await.replayed());
-    assert_eq!(names(&monitor.take()), ["EVALSHA"], "replay: claim");
+    assert_eq!(names(&monitor.take()), [CLAIM], "replay: claim");
 
     let first = tokio::spawn({
         let app = app.clone();
@@ -112,7 +130,7 @@ async fn round_trips_first_two_replay_one_in_flight_one() {
     gate.entered(1).await;
     monitor.take();
     assert_eq!(send(&app, hold("held")).await.status, 409);
-    assert_eq!(names(&monitor.take()), ["EVALSHA"], "in-flight duplicate: claim");
+    assert_eq!(names(&monitor.take()), [CLAIM], "in-flight duplicate: claim");
     gate.open(1);
     first.await.unwrap();
     assert_eq!(calls.get(), 3);
@@ -130,13 +148,14 @@ async fn cluster_round_trips_are_the_same() {
     let measured = "cluster-order";
     let warm = (0..).map(|n| format!("warm-{n}")).find(|key| slot(key) == slot(measured)).unwrap();
     send(&app, post(Some(&warm), "x")).await;
-    let before = (cluster.calls("evalsha"), cluster.calls("eval"));
+    let before = (cluster.calls("evalsha"), cluster.calls("eval"), cluster.calls("exec"));
     send(&app, post(Some(measured), "cluster")).await;
     assert!(send(&app, post(Some(measured), "cluster")).await.replayed());
-    let after = (cluster.calls("evalsha"), cluster.calls("eval"));
+    let after = (cluster.calls("evalsha"), cluster.calls("eval"), cluster.calls("exec"));
     // The completion is a `SET … IFEQ`, not a script, where the servers take it.
-    let scripts = if takes_ifeq(&cluster.nodes[0]) { 2 } else { 3 };
-    assert_eq!(after.0 - before.0, scripts, "claim + complete, then one claim");
+    let scripts = if takes_ifeq(&cluster.nodes[0]) { 0 } else { 1 };
+    assert_eq!(after.0 - before.0, scripts, "complete");
+    assert_eq!(after.2 - before.2, 2, "claim, then one claim: transactions");
     assert_eq!(after.1 - before.1, 0, "the scripts were cached on the node");
     assert_eq!(calls.get(), 2);
 }
@@ -339,6 +358,16 @@ async fn script_flush_between_calls_is_survived() {
     assert_eq!(send(&app, post(Some("b"), "")).await.status, 201);
     assert!(send(&app, post(Some("b"), "")).await.replayed());
     assert_eq!(calls.get(), 2);
+    // Claims and (with IFEQ) completions run no script: renew and release do.
+    let store = RedisStore::new(server.pool());
+    let id = tower_idempotency::RecordId::from_bytes([5; 32]);
+    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([6; 32]), Duration::from_secs(60));
+    let Claim::Acquired(lease) = store.claim(request).await.unwrap() else { panic!("not acquired") };
+    server.command(&["SCRIPT", "FLUSH"]);
+    store.renew(&id, lease.owner(), Duration::from_secs(60)).await.unwrap();
+    server.command(&["SCRIPT", "FLUSH"]);
+    store.release(&id, lease.owner()).await.unwrap();
+    assert!(store.lookup(&id).await.unwrap().is_none(), "released");
     assert!(server.calls("eval") >= 2, "the scripts were sent again in full");
 }
 
@@ -822,14 +851,14 @@ async fn completions_run_no_script_where_the_server_takes_set_ifeq() {
         assert!(send(&app, post(Some(key), "a")).await.replayed());
     }
     assert_eq!(calls.get(), 6);
-    // Five first executions and five replays: a claim script each, and a
-    // completion script each where IFEQ is missing (after the one try).
-    let expected = if takes_ifeq(&server) { 10 } else { 15 };
+    // Five first executions and five replays: claims are transactions, and
+    // a completion is a script where IFEQ is missing (after the one try).
+    let expected = if takes_ifeq(&server) { 0 } else { 5 };
     assert_eq!(
         scripts() - before,
         expected,
         "script calls on a server {} IFEQ",
-        if expected == 10 { "with" } else { "without" }
+        if expected == 0 { "with" } else { "without" }
     );
 }
 
@@ -987,4 +1016,21 @@ async fn a_claim_without_fencing_token_whose_reply_is_lost_is_given_back() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(matches!(store.claim(request).await.unwrap(), Claim::Acquired(_)));
+}
+
+#[tokio::test]
+async fn a_claim_is_a_transaction_and_leaves_its_token_to_its_owner() {
+    let store = RedisStore::new(shared_server().pool());
+    let id = tower_idempotency::RecordId::from_bytes([7; 32]);
+    let fingerprint = tower_idempotency::Fingerprint::from_bytes([8; 32]);
+    let request = ClaimRequest::new(id, fingerprint, Duration::from_secs(60));
+    let Claim::Acquired(lease) = store.claim(request).await.unwrap() else { panic!("not acquired") };
+    assert!(lease.fencing_token().get() > 0, "the owner has its token");
+    match store.lookup(&id).await.unwrap() {
+        Some(RecordState::InFlight { fingerprint: seen, fencing_token }) => {
+            assert_eq!((seen, fencing_token), (fingerprint, None));
+        }
+        other => panic!("expected in flight, got {other:?}"),
+    }
+    store.release(&id, lease.owner()).await.unwrap();
 }

@@ -773,7 +773,7 @@ async fn key_state<St: Store + Clone>(
             "object": "idempotency_key",
             "key": key.as_str(),
             "state": "in_flight",
-            "fencing_token": fencing_token.get(),
+            "fencing_token": fencing_token.map(|token| token.get()),
         }))
         .into_response(),
         Ok(Some(RecordState::Completed(record))) => Json(json!({

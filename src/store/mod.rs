@@ -347,7 +347,8 @@ pub enum Claim {
 /// ```
 /// use tower_idempotency::{FencingToken, Fingerprint, store::RecordState};
 ///
-/// let state = RecordState::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), fencing_token: FencingToken::new(1) };
+/// let state =
+///     RecordState::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), fencing_token: Some(FencingToken::new(1)) };
 /// assert!(matches!(state, RecordState::InFlight { .. }));
 /// ```
 #[derive(Debug, Clone)]
@@ -357,8 +358,11 @@ pub enum RecordState {
     InFlight {
         /// The fingerprint of the request that holds it.
         fingerprint: Fingerprint,
-        /// The holder's fencing token.
-        fencing_token: FencingToken,
+        /// The holder's fencing token, where the store keeps it with the
+        /// claim. `None` from the Redis store: its claims leave the token to
+        /// their owner alone (a `SET` in a transaction instead of a script,
+        /// BENCHMARKS.md "Redis hot path").
+        fencing_token: Option<FencingToken>,
     },
     /// The record is finished.
     Completed(Record),

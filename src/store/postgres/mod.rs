@@ -503,7 +503,10 @@ impl Store for PostgresStore {
         if completed {
             return Ok(Some(RecordState::Completed(record_of(&row)?)));
         }
-        Ok(Some(RecordState::InFlight { fingerprint: fingerprint_column(&row)?, fencing_token: fencing_token(&row)? }))
+        Ok(Some(RecordState::InFlight {
+            fingerprint: fingerprint_column(&row)?,
+            fencing_token: Some(fencing_token(&row)?),
+        }))
     }
 
     async fn wait(&self, id: &RecordId, timeout: Duration) {

@@ -5,31 +5,37 @@
 //! SHA-256: collisions are out of reach in practice, and each record's name
 //! is 32 bytes shorter than with all 256). The value is either an
 //! in-flight claim (`F`, the 16-byte owner, the 32-byte fingerprint, a
-//! one-byte count of waiters, the fencing token in decimal) or the completed
-//! [`Record`]'s compact encoding,
-//! body as raw bytes. Claim, complete, release and renew are each one Lua
-//! script, sent with `EVALSHA` (and `EVAL` when a server's script cache was
-//! flushed), that checks the owner before it changes anything. Where the
-//! server takes `SET … IFEQ` (Valkey 8.1 and later, Redis 8.4 and later), a
-//! completion is that one command instead: the owner knows the in-flight
-//! value it wrote byte for byte, so `IFEQ` is the owner check. When the
-//! value changed (a waiter counted itself in it, the lease ran out) the
-//! script decides as before. The first completion finds out whether the
-//! server takes `IFEQ` (a server without it refuses the syntax and changes
-//! nothing); a store that learned it does not sends scripts from then on.
-//! A claim that needs no fencing token
+//! one-byte count of waiters) or the completed [`Record`]'s compact
+//! encoding, body as raw bytes.
+//!
+//! A claim runs no script: it is one transaction written at once, `MULTI`,
+//! `INCR` of the fencing counter, `SET record <in-flight value> NX GET PX
+//! <lease>`, `EXEC`. The `SET`'s reply is nil when it acquired, else the
+//! value found (a replay or an in-flight answer); the `INCR` runs either way
+//! (tokens only need to grow). So the in-flight value cannot carry the token:
+//! its owner alone knows it, and a lookup reports none. A claim that needs no
+//! fencing token
 //! ([`IdempotencyLayer::with_fencing_tokens`](crate::IdempotencyLayer::with_fencing_tokens))
-//! is one `SET record <in-flight value> NX GET PX <lease>`, with no counter
-//! and no script: its in-flight value carries no token (it reads as 0), and
-//! a replay or an in-flight answer is the value that `GET` returned. Leases and
-//! retention are Redis TTLs: a dead process's claim frees itself with no
-//! sweeper.
+//! is the `SET` alone. A `Rerun` take-over of a completed record (rare) is a
+//! script that writes the token into the value.
+//!
+//! Complete, release and renew are each one Lua script, sent with `EVALSHA`
+//! (and `EVAL` when a server's script cache was flushed), that checks the
+//! owner before it changes anything. Where the server takes `SET … IFEQ`
+//! (Valkey 8.1 and later, Redis 8.4 and later), a completion is that one
+//! command instead: the owner knows the in-flight value it wrote byte for
+//! byte, so `IFEQ` is the owner check. When the value changed (a waiter
+//! counted itself in it, the lease ran out) the script decides as before.
+//! The first completion finds out whether the server takes `IFEQ` (a server
+//! without it refuses the syntax and changes nothing); a store that learned
+//! it does not sends scripts from then on. Leases and retention are Redis
+//! TTLs: a dead process's claim frees itself with no sweeper.
 //!
 //! Fencing tokens come from one `INCR` counter per hash slot,
 //! `{prefix}{tag}:fence`, so they grow with every claim of a record across
 //! releases and expired leases while costing nothing per record. The `{tag}`
 //! hashtag puts a record, its counter and its waiter list in one slot, so
-//! every script works unchanged on Redis Cluster. (A Redis that loses its
+//! every script and transaction works unchanged on Redis Cluster. (A Redis that loses its
 //! data restarts the counters: keep persistence on if you rely on fencing
 //! tokens across a data loss.)
 //!
@@ -74,7 +80,7 @@ use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use self::{
     keys::{Key, KeyKind},
-    pool::{RedisResult, Replicated, SharedConnection, Wait},
+    pool::{RedisResult, Replicated, Request, SharedConnection, Wait},
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
     value::{IN_FLIGHT, found, parse_in_flight},
     waiters::Waiters,
@@ -120,9 +126,10 @@ struct Inner {
     /// Whether the server takes `SET … IFEQ`: [`IFEQ_UNKNOWN`] until the
     /// first completion tries it.
     ifeq: AtomicU8,
-    /// The fencing tokens of this store's claims in flight, by owner, while
-    /// the server may take `SET … IFEQ`: with them a completion knows its
-    /// in-flight value byte for byte.
+    /// The token each in-flight value of this store's claims carries (`None`
+    /// but for a scripted take-over), by owner, while the server may take
+    /// `SET … IFEQ`: with it a completion knows its in-flight value byte for
+    /// byte.
     tokens: Mutex<HashMap<OwnerToken, Option<u64>>>,
 }
 
@@ -334,17 +341,27 @@ impl<P: RedisPool> RedisStore<P> {
     /// command's own reply or error, and whether enough replicas
     /// acknowledged.
     async fn command(&self, cmd: Cmd, key: &Key<'_>, wait: Replicate) -> Result<(RedisResult, Replicated), StoreError> {
+        self.send(Request::Command(cmd), key, wait).await
+    }
+
+    async fn send(
+        &self,
+        request: Request,
+        key: &Key<'_>,
+        wait: Replicate,
+    ) -> Result<(RedisResult, Replicated), StoreError> {
         let wait = self.inner.replicas.and_then(|(replicas, timeout)| {
             let only_if = match wait {
                 Replicate::Never => return None,
                 Replicate::Always => None,
                 Replicate::IfAcquired => Some(acquired as fn(&Value) -> bool),
                 Replicate::IfSet => Some(set as fn(&Value) -> bool),
+                Replicate::IfSetInTransaction => Some(set_in_transaction as fn(&Value) -> bool),
             };
             Some(Wait { replicas, timeout, only_if })
         });
         // Boxed: see BENCHMARKS.md, "Future sizes".
-        Box::pin(self.connection.send(&self.pool, cmd, key, wait)).await
+        Box::pin(self.connection.send(&self.pool, request, key, wait)).await
     }
 
     /// Runs an owner-checked script; 1 means done, 0 not the owner.
@@ -374,6 +391,8 @@ enum Replicate {
     IfAcquired,
     /// Only when a `SET … NX GET` wrote (its reply is nil).
     IfSet,
+    /// Only when the `SET … NX GET` after the `INCR` of a transaction wrote.
+    IfSetInTransaction,
 }
 
 fn acquired(reply: &Value) -> bool {
@@ -382,6 +401,10 @@ fn acquired(reply: &Value) -> bool {
 
 fn set(reply: &Value) -> bool {
     matches!(reply, Value::Nil)
+}
+
+fn set_in_transaction(reply: &Value) -> bool {
+    matches!(reply, Value::Array(replies) if matches!(replies.get(1), Some(Value::Nil)))
 }
 
 fn unexpected(value: &Value) -> StoreError {
@@ -400,9 +423,9 @@ impl<P: RedisPool> Store for RedisStore<P> {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
         let id = request.id();
         let owner = self.next_owner();
-        if !request.fencing_token() && !request.replace_completed() {
+        if !request.replace_completed() {
             // Boxed: see BENCHMARKS.md, "Future sizes".
-            return Box::pin(self.claim_without_token(request, owner)).await;
+            return Box::pin(self.claim_without_script(request, owner)).await;
         }
         let replace = if request.replace_completed() { &b"1"[..] } else { &b"0"[..] };
         let lease = millis(request.lease());
@@ -536,7 +559,7 @@ mod tests {
             std::mem::size_of_val(&store.wait(&id, second)),
             std::mem::size_of_val(&store.connection.send(
                 &store.pool,
-                redis::cmd("GET"),
+                Request::Command(redis::cmd("GET")),
                 &store.key(&id, KeyKind::Record),
                 None,
             )),

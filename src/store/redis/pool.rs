@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{Cmd, RedisError, Value, aio::ConnectionLike};
+use redis::{Cmd, Pipeline, RedisError, Value, aio::ConnectionLike};
 
 use super::keys::{Key, slot_of};
 use crate::store::StoreError;
@@ -223,37 +223,38 @@ impl<P: RedisPool> SharedConnection<P> {
     pub(super) async fn send(
         &self,
         pool: &P,
-        cmd: Cmd,
+        request: Request,
         key: &Key<'_>,
         wait: Option<Wait>,
     ) -> Result<(RedisResult, Replicated), StoreError> {
         let Some(wait) = wait else {
             let mut connection = self.get(pool).await?;
-            return match P::query(&mut connection, cmd, None).await.0 {
+            return match request.send::<P>(&mut connection).await {
                 Err(error) if broken(&error) => Err(self.failed(error)),
                 reply => Ok((reply, Ok(()))),
             };
         };
         // Boxed: see BENCHMARKS.md, "Future sizes".
-        Box::pin(self.send_replicated(pool, cmd, key, wait)).await
+        Box::pin(self.send_replicated(pool, request, key, wait)).await
     }
 
     /// [`SharedConnection::send`] for a call that waits for replicas.
     async fn send_replicated(
         &self,
         pool: &P,
-        cmd: Cmd,
+        request: Request,
         key: &Key<'_>,
         wait: Wait,
     ) -> Result<(RedisResult, Replicated), StoreError> {
         let mut connection = self.spare(pool).await?;
         let (name, wait_cmd) = (key.to_string(), wait_cmd(wait.replicas, wait.timeout));
-        let (reply, waited) = match wait.only_if {
+        let (reply, waited) = match (wait.only_if, request) {
             // In one round trip on a single Redis: `WAIT` counts every write
             // this connection made before it.
-            None => P::query(&mut connection.connection, cmd, Some((wait_cmd, &name))).await,
-            Some(wrote) => {
-                let (reply, _) = P::query(&mut connection.connection, cmd, None).await;
+            (None, Request::Command(cmd)) => P::query(&mut connection.connection, cmd, Some((wait_cmd, &name))).await,
+            (only_if, request) => {
+                let wrote = only_if.unwrap_or(|_| true);
+                let reply = request.send::<P>(&mut connection.connection).await;
                 let waited = match &reply {
                     Ok(value) if wrote(value) => Some(P::wait_for(&mut connection.connection, wait_cmd, &name).await),
                     _ => None,
@@ -289,6 +290,24 @@ impl<P: RedisPool> SharedConnection<P> {
             None => Box::pin(pool.shared()).await?,
         };
         Ok(Spare { connection, idle: &self.spare, broken: false })
+    }
+}
+
+/// What a call sends: one command, or a transaction (`MULTI` … `EXEC`) in
+/// one write.
+pub(super) enum Request {
+    Command(Cmd),
+    Transaction(Pipeline),
+}
+
+impl Request {
+    /// Sends it on `connection`; a transaction's reply is the array of its
+    /// commands' replies.
+    async fn send<P: RedisPool>(self, connection: &mut P::Shared) -> RedisResult {
+        match self {
+            Self::Command(cmd) => P::query(connection, cmd, None).await.0,
+            Self::Transaction(pipeline) => pipeline.query_async(connection).await,
+        }
     }
 }
 

@@ -13,8 +13,8 @@ use super::owner_bytes;
 pub(super) const IN_FLIGHT: u8 = b'F';
 
 /// The in-flight value a claim of `owner` writes: `F`, the owner, the
-/// fingerprint, a zero waiter count, and the token in decimal (claim.lua),
-/// or none for a claim without one.
+/// fingerprint, a zero waiter count, and the token in decimal (claim.lua,
+/// a take-over of a completed record), or none (every other claim).
 pub(super) fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token: Option<u64>) -> Vec<u8> {
     let mut value = Vec::with_capacity(50 + 20);
     value.push(IN_FLIGHT);
@@ -28,10 +28,10 @@ pub(super) fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token
 }
 
 /// Parses an in-flight value: `F`, owner (16), fingerprint (32), waiter
-/// count (1 byte, below 48), token in decimal (none for a claim without a
-/// fencing token: it reads as 0). Values written before the waiter count
+/// count (1 byte, below 48), token in decimal (none, but for a scripted
+/// claim that took over a completed record: it reads as `None`). Values written before the waiter count
 /// existed have none: their next byte is a digit.
-pub(super) fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken), StoreError> {
+pub(super) fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, Option<FencingToken>), StoreError> {
     let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
     if value.len() < 50 || value[0] != IN_FLIGHT {
         return Err(corrupt());
@@ -40,10 +40,10 @@ pub(super) fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, FencingToken
     fingerprint.copy_from_slice(&value[17..49]);
     let token = if value[49] < b'0' { &value[50..] } else { &value[49..] };
     if token.is_empty() && value.len() == 50 {
-        return Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(0)));
+        return Ok((Fingerprint::from_bytes(fingerprint), None));
     }
     let token = std::str::from_utf8(token).ok().and_then(|t| t.parse().ok()).ok_or_else(corrupt)?;
-    Ok((Fingerprint::from_bytes(fingerprint), FencingToken::new(token)))
+    Ok((Fingerprint::from_bytes(fingerprint), Some(FencingToken::new(token))))
 }
 
 /// What a claim found instead of acquiring: an in-flight value, or a
@@ -66,11 +66,11 @@ mod tests {
         let uncounted = [&head[..], b"42"].concat();
         for value in [counted, uncounted] {
             let (fingerprint, token) = parse_in_flight(&value).unwrap();
-            assert_eq!((fingerprint, token), (Fingerprint::from_bytes([9; 32]), FencingToken::new(42)));
+            assert_eq!((fingerprint, token), (Fingerprint::from_bytes([9; 32]), Some(FencingToken::new(42))));
         }
-        // A claim without a fencing token writes none: it reads as 0.
+        // A claim without a script writes none.
         let (_, token) = parse_in_flight(&[&head[..], &[3]].concat()).unwrap();
-        assert_eq!(token, FencingToken::new(0));
+        assert_eq!(token, None);
         assert!(parse_in_flight(&head).is_err(), "no waiter count either");
         assert!(parse_in_flight(&[&head[..], b"4x"].concat()).is_err(), "not a number");
     }

@@ -1,12 +1,13 @@
-//! The calls that need no script: a claim without a fencing token (`SET …
-//! NX GET`), and a completion where the server takes `SET … IFEQ`.
+//! The calls that need no script: a claim (`SET … NX GET`, in a
+//! transaction with the fencing counter's `INCR`), and a completion where
+//! the server takes `SET … IFEQ`.
 
 use std::sync::atomic::Ordering;
 
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::{
-    IFEQ_NO, IFEQ_YES, RedisPool, RedisStore, Replicate,
+    IFEQ_NO, IFEQ_YES, RedisPool, RedisStore, Replicate, Request,
     keys::KeyKind,
     millis, unexpected,
     value::{found, in_flight_value},
@@ -17,10 +18,14 @@ use crate::{
 };
 
 impl<P: RedisPool> RedisStore<P> {
-    /// A claim without a fencing token: one `SET record <in-flight value> NX
-    /// GET PX <lease>`, no counter and no script. The reply is nil when it
-    /// acquired, else the value found.
-    pub(super) async fn claim_without_token(
+    /// A claim without a script. With a fencing token, one transaction in
+    /// one write: `MULTI`, `INCR` of the slot's counter, `SET record
+    /// <in-flight value> NX GET PX <lease>`, `EXEC` (the `INCR` runs even
+    /// when the `SET` finds a record: tokens only need to grow). Without one,
+    /// the `SET` alone. The in-flight value carries no token: the owner
+    /// alone knows it. The `SET`'s reply is nil when it acquired, else the
+    /// value found.
+    pub(super) async fn claim_without_script(
         &self,
         request: ClaimRequest,
         owner: OwnerToken,
@@ -31,7 +36,14 @@ impl<P: RedisPool> RedisStore<P> {
         let key = self.key(&id, KeyKind::Record);
         let mut set = Cmd::with_capacity(7, key.len() + value.len() + lease.len() + 11);
         set.arg("SET").arg(key).arg(&value[..]).arg("NX").arg("GET").arg("PX").arg(&lease[..]);
-        let sent = self.command(set, &key, Replicate::IfSet).await;
+        let (request, replicate) = if request.fencing_token() {
+            let mut transaction = redis::pipe();
+            transaction.atomic().cmd("INCR").arg(key.sibling(KeyKind::Fence)).add_command(set);
+            (Request::Transaction(transaction), Replicate::IfSetInTransaction)
+        } else {
+            (Request::Command(set), Replicate::IfSet)
+        };
+        let sent = self.send(request, &key, replicate).await;
         let (reply, replicated) = match sent {
             Ok((Ok(reply), replicated)) => (reply, replicated),
             // The server refused the command: it wrote nothing.
@@ -42,6 +54,19 @@ impl<P: RedisPool> RedisStore<P> {
                 return Err(error);
             }
         };
+        let (token, reply) = match reply {
+            Value::Array(replies) => {
+                let mut replies = replies.into_iter();
+                match (replies.next(), replies.next(), replies.next()) {
+                    (Some(Value::Int(token)), Some(reply), None) if token > 0 => (token.unsigned_abs(), reply),
+                    (token, reply, _) => {
+                        let _ = self.release(&id, owner).await;
+                        return Err(unexpected(&Value::Array(token.into_iter().chain(reply).collect())));
+                    }
+                }
+            }
+            reply => (0, reply),
+        };
         match reply {
             Value::Nil => {
                 if let Err(error) = replicated {
@@ -49,7 +74,7 @@ impl<P: RedisPool> RedisStore<P> {
                     return Err(error);
                 }
                 self.inner.remember_token(owner, None);
-                Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(0))))
+                Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(token))))
             }
             Value::BulkString(value) => found(value),
             other => Err(unexpected(&other)),

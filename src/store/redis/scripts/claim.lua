@@ -1,5 +1,6 @@
 -- Claims a record: the in-flight value when absent (or completed, with the
--- replace flag), else the value found.
+-- replace flag), else the value found. The store sends it only for a Rerun
+-- take-over (replace flag 1); other claims are a transaction (mod.rs).
 -- KEYS: record, fence counter.
 -- ARGV: owner (16 bytes), fingerprint (32) and a zero waiter count (1),
 -- lease ms, replace flag.
