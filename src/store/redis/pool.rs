@@ -305,7 +305,7 @@ impl Request {
     /// commands' replies.
     async fn send<P: RedisPool>(self, connection: &mut P::Shared) -> RedisResult {
         match self {
-            Self::Command(cmd) => P::query(connection, cmd, None).await.0,
+            Self::Command(cmd) => cmd.query_async(connection).await,
             Self::Transaction(pipeline) => pipeline.query_async(connection).await,
         }
     }
