@@ -412,8 +412,9 @@ impl Redis {
 
     /// Store calls made: each script call and each transaction (`EXEC`)
     /// is one, and with `plain`, each `GET` and `SET`. (Commandstats also
-    /// counts the commands scripts run inside, which are not calls of their
-    /// own: `plain` is for scenarios that run no script.)
+    /// counts the commands scripts and transactions run inside, which are
+    /// not calls of their own, so the layer's lone `SET`s, a claim without
+    /// fencing tokens or an `IFEQ` completion, go uncounted.)
     fn calls(&self, plain: bool) -> u64 {
         let counted: &[&str] = if plain {
             &["cmdstat_get:", "cmdstat_set:"]

@@ -13,8 +13,8 @@
 //! <lease>`, `EXEC`. The `SET`'s reply is nil when it acquired, else the
 //! value found (a replay or an in-flight answer); the `INCR` runs either way
 //! (tokens only need to grow). So the in-flight value cannot carry the token:
-//! its owner alone knows it, and a lookup reports none. A claim that needs no
-//! fencing token
+//! its owner alone knows it, and a lookup reports none. A claim that needs
+//! no fencing token
 //! ([`IdempotencyLayer::with_fencing_tokens`](crate::IdempotencyLayer::with_fencing_tokens))
 //! is the `SET` alone. A `Rerun` take-over of a completed record (rare) is a
 //! script that writes the token into the value.
@@ -35,9 +35,9 @@
 //! `{prefix}{tag}:fence`, so they grow with every claim of a record across
 //! releases and expired leases while costing nothing per record. The `{tag}`
 //! hashtag puts a record, its counter and its waiter list in one slot, so
-//! every script and transaction works unchanged on Redis Cluster. (A Redis that loses its
-//! data restarts the counters: keep persistence on if you rely on fencing
-//! tokens across a data loss.)
+//! every script and transaction works unchanged on Redis Cluster. (A Redis
+//! that loses its data restarts the counters: keep persistence on if you
+//! rely on fencing tokens across a data loss.)
 //!
 //! Round trips: a first execution costs two (claim, complete) when it ends
 //! within a third of its lease, a replay one, an in-flight duplicate one.

@@ -28,9 +28,9 @@ pub(super) fn in_flight_value(owner: OwnerToken, fingerprint: Fingerprint, token
 }
 
 /// Parses an in-flight value: `F`, owner (16), fingerprint (32), waiter
-/// count (1 byte, below 48), token in decimal (none, but for a scripted
-/// claim that took over a completed record: it reads as `None`). Values written before the waiter count
-/// existed have none: their next byte is a digit.
+/// count (1 byte, below 48), then the token in decimal, which only a
+/// scripted take-over writes (none reads as `None`). Values written before
+/// the waiter count existed have none: their next byte is a digit.
 pub(super) fn parse_in_flight(value: &[u8]) -> Result<(Fingerprint, Option<FencingToken>), StoreError> {
     let corrupt = || StoreError::Corrupt(crate::DecodeError::Malformed("in-flight value"));
     if value.len() < 50 || value[0] != IN_FLIGHT {
