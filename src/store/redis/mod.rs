@@ -80,7 +80,7 @@ use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use self::{
     keys::{Key, KeyKind},
-    pool::{RedisResult, Replicated, Request, SharedConnection, Wait},
+    pool::{RedisResult, Replicate, Replicated, Request, SharedConnection},
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
     value::{IN_FLIGHT, found, parse_in_flight},
     waiters::Waiters,
@@ -350,16 +350,7 @@ impl<P: RedisPool> RedisStore<P> {
         key: &Key<'_>,
         wait: Replicate,
     ) -> Result<(RedisResult, Replicated), StoreError> {
-        let wait = self.inner.replicas.and_then(|(replicas, timeout)| {
-            let only_if = match wait {
-                Replicate::Never => return None,
-                Replicate::Always => None,
-                Replicate::IfAcquired => Some(acquired as fn(&Value) -> bool),
-                Replicate::IfSet => Some(set as fn(&Value) -> bool),
-                Replicate::IfSetInTransaction => Some(set_in_transaction as fn(&Value) -> bool),
-            };
-            Some(Wait { replicas, timeout, only_if })
-        });
+        let wait = self.inner.replicas.and_then(|(replicas, timeout)| wait.wait(replicas, timeout));
         // Boxed: see BENCHMARKS.md, "Future sizes".
         Box::pin(self.connection.send(&self.pool, request, key, wait)).await
     }
@@ -378,33 +369,6 @@ impl<P: RedisPool> RedisStore<P> {
             (other, _) => Err(unexpected(&other)),
         }
     }
-}
-
-/// Which calls wait for replicas, with [`RedisStore::with_replicas`].
-#[derive(Clone, Copy)]
-enum Replicate {
-    Never,
-    /// Always, pipelined with the call: a completion.
-    Always,
-    /// Only when the call wrote: a claim that acquired (its reply is the
-    /// fencing token), not a replay or an in-flight answer.
-    IfAcquired,
-    /// Only when a `SET … NX GET` wrote (its reply is nil).
-    IfSet,
-    /// Only when the `SET … NX GET` after the `INCR` of a transaction wrote.
-    IfSetInTransaction,
-}
-
-fn acquired(reply: &Value) -> bool {
-    matches!(reply, Value::Int(_))
-}
-
-fn set(reply: &Value) -> bool {
-    matches!(reply, Value::Nil)
-}
-
-fn set_in_transaction(reply: &Value) -> bool {
-    matches!(reply, Value::Array(replies) if matches!(replies.get(1), Some(Value::Nil)))
 }
 
 fn unexpected(value: &Value) -> StoreError {

@@ -311,6 +311,39 @@ impl Request {
     }
 }
 
+/// Which calls wait for replicas, with
+/// [`RedisStore::with_replicas`](super::RedisStore::with_replicas).
+#[derive(Clone, Copy)]
+pub(super) enum Replicate {
+    Never,
+    /// Always, pipelined with the call: a completion.
+    Always,
+    /// Only when the call wrote: a claim that acquired (its reply is the
+    /// fencing token), not a replay or an in-flight answer.
+    IfAcquired,
+    /// Only when a `SET … NX GET` wrote (its reply is nil).
+    IfSet,
+    /// Only when the `SET … NX GET` after the `INCR` of a transaction wrote.
+    IfSetInTransaction,
+}
+
+impl Replicate {
+    /// How a call waits for `replicas` within `timeout`; `None` when it
+    /// never does.
+    pub(super) fn wait(self, replicas: u32, timeout: Duration) -> Option<Wait> {
+        let only_if: Option<fn(&Value) -> bool> = match self {
+            Self::Never => return None,
+            Self::Always => None,
+            Self::IfAcquired => Some(|reply| matches!(reply, Value::Int(_))),
+            Self::IfSet => Some(|reply| matches!(reply, Value::Nil)),
+            Self::IfSetInTransaction => {
+                Some(|reply| matches!(reply, Value::Array(replies) if matches!(replies.get(1), Some(Value::Nil))))
+            }
+        };
+        Some(Wait { replicas, timeout, only_if })
+    }
+}
+
 /// When a call waits for replicas to take its write (`WAIT`).
 #[derive(Clone, Copy)]
 pub(super) struct Wait {

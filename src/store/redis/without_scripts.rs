@@ -36,7 +36,8 @@ impl<P: RedisPool> RedisStore<P> {
         let key = self.key(&id, KeyKind::Record);
         let mut set = Cmd::with_capacity(7, key.len() + value.len() + lease.len() + 11);
         set.arg("SET").arg(key).arg(&value[..]).arg("NX").arg("GET").arg("PX").arg(&lease[..]);
-        let (request, replicate) = if request.fencing_token() {
+        let fencing = request.fencing_token();
+        let (request, replicate) = if fencing {
             let mut transaction = redis::pipe();
             transaction.atomic().cmd("INCR").arg(key.sibling(KeyKind::Fence)).add_command(set);
             (Request::Transaction(transaction), Replicate::IfSetInTransaction)
@@ -54,18 +55,23 @@ impl<P: RedisPool> RedisStore<P> {
                 return Err(error);
             }
         };
-        let (token, reply) = match reply {
-            Value::Array(replies) => {
-                let mut replies = replies.into_iter();
-                match (replies.next(), replies.next(), replies.next()) {
-                    (Some(Value::Int(token)), Some(reply), None) if token > 0 => (token.unsigned_abs(), reply),
-                    (token, reply, _) => {
-                        let _ = self.release(&id, owner).await;
-                        return Err(unexpected(&Value::Array(token.into_iter().chain(reply).collect())));
-                    }
-                }
+        // A transaction answers the token and the `SET`'s reply; anything
+        // else may still have written, so the claim is given back.
+        let parts = match reply {
+            reply if !fencing => Ok((0, reply)),
+            Value::Array(replies) => match <[Value; 2]>::try_from(replies) {
+                Ok([Value::Int(token), reply]) if token > 0 => Ok((token.unsigned_abs(), reply)),
+                Ok(replies) => Err(Value::Array(replies.into())),
+                Err(replies) => Err(Value::Array(replies)),
+            },
+            other => Err(other),
+        };
+        let (token, reply) = match parts {
+            Ok(parts) => parts,
+            Err(other) => {
+                let _ = self.release(&id, owner).await;
+                return Err(unexpected(&other));
             }
-            reply => (0, reply),
         };
         match reply {
             Value::Nil => {
