@@ -91,8 +91,7 @@ impl Reader {
     fn headers(&mut self) -> Result<HeaderMap, DecodeError> {
         let too_many = |_| DecodeError::Malformed("more headers than a header map holds");
         let count = self.len()?;
-        // Room for two more: a replay's marker, and the `content-length` that
-        // axum adds to a response without one (growing the map cost 1% of a replay).
+        // Room for a replay's marker and the `content-length` axum adds: no regrowth.
         let mut headers = HeaderMap::try_with_capacity(count + 2).map_err(too_many)?;
         for _ in 0..count {
             let len = self.len()?;
