@@ -157,8 +157,49 @@ pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
-        Buffered { chunks: VecDeque<Bytes>, trailers: Option<HeaderMap> },
-        Streamed { chunks: VecDeque<Bytes>, frames: mpsc::UnboundedReceiver<Message>, done: bool },
+        Buffered { chunks: Chunks, trailers: Option<HeaderMap> },
+        Streamed { chunks: Chunks, frames: mpsc::UnboundedReceiver<Message>, done: bool },
+    }
+}
+
+/// A response's chunks in order, the first held inline: most bodies are one
+/// chunk, and a queue of one is an allocation on every response.
+#[derive(Default)]
+pub(crate) struct Chunks {
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Chunks {
+    pub(crate) fn push_back(&mut self, chunk: Bytes) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+        } else {
+            self.rest.push_back(chunk);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    /// The chunks as one slice.
+    pub(crate) fn make_contiguous(&mut self) -> &[Bytes] {
+        if self.rest.is_empty() {
+            return self.first.as_slice();
+        }
+        if let Some(first) = self.first.take() {
+            self.rest.push_front(first);
+        }
+        self.rest.make_contiguous()
     }
 }
 
@@ -167,7 +208,7 @@ impl<B> ResponseBody<B> {
         Self { kind: ResponseKind::Inner { body } }
     }
 
-    pub(crate) fn buffered(chunks: VecDeque<Bytes>, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn buffered(chunks: Chunks, trailers: Option<HeaderMap>) -> Self {
         Self { kind: ResponseKind::Buffered { chunks, trailers } }
     }
 
@@ -177,12 +218,12 @@ impl<B> ResponseBody<B> {
 
     /// One body and its trailers, as a replay sends them.
     pub(crate) fn with_trailers(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        let chunks = if data.is_empty() { VecDeque::new() } else { VecDeque::from([data]) };
-        Self::buffered(chunks, trailers)
+        let first = (!data.is_empty()).then_some(data);
+        Self::buffered(Chunks { first, rest: VecDeque::new() }, trailers)
     }
 
     /// `chunks` first, then what arrives on `frames` until [`Message::End`].
-    pub(crate) fn streamed(chunks: VecDeque<Bytes>, frames: mpsc::UnboundedReceiver<Message>) -> Self {
+    pub(crate) fn streamed(chunks: Chunks, frames: mpsc::UnboundedReceiver<Message>) -> Self {
         Self { kind: ResponseKind::Streamed { chunks, frames, done: false } }
     }
 }
@@ -249,5 +290,27 @@ where
                 hint
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_keep_their_order_whichever_end_holds_them() {
+        let mut chunks = Chunks::default();
+        for chunk in ["a", "b"] {
+            chunks.push_back(Bytes::from_static(chunk.as_bytes()));
+        }
+        assert_eq!(chunks.pop_front().as_deref(), Some(&b"a"[..]));
+        chunks.push_back(Bytes::from_static(b"c"));
+        assert_eq!(chunks.iter().map(|chunk| &chunk[..]).collect::<Vec<_>>(), [b"b", b"c"]);
+        let mut one = Chunks::default();
+        one.push_back(Bytes::from_static(b"x"));
+        one.push_back(Bytes::from_static(b"y"));
+        assert_eq!(one.make_contiguous(), [Bytes::from_static(b"x"), Bytes::from_static(b"y")]);
+        assert_eq!(one.pop_front().as_deref(), Some(&b"x"[..]));
+        assert!(!one.is_empty());
     }
 }

@@ -186,8 +186,16 @@ fn validate(key: &[u8]) -> Result<(), KeyError> {
 /// let tenant = Scope::new("tenant-7");
 /// assert_ne!(tenant, Scope::anonymous());
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Scope(Bytes);
+#[derive(Clone)]
+pub struct Scope(ScopeBytes);
+
+/// A digest sits inline: the default scope is one per guarded request, and a
+/// `Bytes` of it would be an allocation each time.
+#[derive(Clone)]
+enum ScopeBytes {
+    Shared(Bytes),
+    Digest([u8; 32]),
+}
 
 impl Scope {
     /// A scope from any bytes that identify the caller.
@@ -198,7 +206,7 @@ impl Scope {
     /// assert_eq!(Scope::new("a").as_bytes(), b"a");
     /// ```
     pub fn new(id: impl Into<Bytes>) -> Self {
-        Self(id.into())
+        Self(ScopeBytes::Shared(id.into()))
     }
 
     /// The scope of requests that carry no credentials.
@@ -209,7 +217,7 @@ impl Scope {
     /// assert!(Scope::anonymous().as_bytes().is_empty());
     /// ```
     pub fn anonymous() -> Self {
-        Self(Bytes::new())
+        Self(ScopeBytes::Shared(Bytes::new()))
     }
 
     /// A scope derived from a secret (an API key, a bearer token): only its
@@ -222,7 +230,7 @@ impl Scope {
     /// assert_ne!(Scope::hashed(b"sk_test_1"), Scope::new("sk_test_1"));
     /// ```
     pub fn hashed(secret: &[u8]) -> Self {
-        Self(Bytes::copy_from_slice(&Sha256::digest(secret)))
+        Self(ScopeBytes::Digest(Sha256::digest(secret).into()))
     }
 
     /// The default scope: the SHA-256 of the request's `Authorization`
@@ -259,7 +267,7 @@ impl Scope {
                     hasher.update((value.len() as u64).to_be_bytes());
                     hasher.update(value.as_bytes());
                 }
-                Self(Bytes::copy_from_slice(&hasher.finalize()))
+                Self(ScopeBytes::Digest(hasher.finalize().into()))
             }
         })
     }
@@ -272,7 +280,24 @@ impl Scope {
     /// assert_eq!(Scope::new(vec![1u8, 2]).as_bytes(), &[1, 2]);
     /// ```
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            ScopeBytes::Shared(bytes) => bytes,
+            ScopeBytes::Digest(digest) => digest,
+        }
+    }
+}
+
+impl PartialEq for Scope {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Scope {}
+
+impl std::hash::Hash for Scope {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
     }
 }
 
@@ -394,6 +419,17 @@ fn hex_pair(b: u8) -> [u8; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_is_its_bytes_however_it_was_made() {
+        let digest = Sha256::digest(b"Bearer sk_1");
+        let shared = Scope::new(Bytes::copy_from_slice(&digest));
+        assert_eq!(shared, Scope::hashed(b"Bearer sk_1"));
+        use std::hash::BuildHasher as _;
+        let state = std::hash::RandomState::new();
+        assert_eq!(state.hash_one(&shared), state.hash_one(Scope::hashed(b"Bearer sk_1")));
+        assert_ne!(shared, Scope::hashed(b"Bearer sk_2"));
+    }
 
     #[test]
     fn accepts_bare_tokens_and_sf_strings() {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, HeaderName, StatusCode, header};
 
 /// What a duplicate gets while the first request with its key still runs.
 ///
@@ -173,10 +173,13 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// A name, not a `&str`: a `&str` lookup parses the name on every response.
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The status a response counts as for the storage rule: its `grpc-status`
 /// when it has one (a trailers-only gRPC response), else its HTTP status.
 pub(crate) fn effective_status(status: StatusCode, headers: &HeaderMap) -> StatusCode {
-    headers.get("grpc-status").and_then(|value| value.to_str().ok()?.parse().ok()).map_or(status, grpc_to_http)
+    headers.get(GRPC_STATUS).and_then(|value| value.to_str().ok()?.parse().ok()).map_or(status, grpc_to_http)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! with the record (the transactional PostgreSQL store): the response
 //! reaches the client only once it is committed.
 
-use std::{collections::VecDeque, panic::AssertUnwindSafe, pin::pin, sync::Arc};
+use std::{panic::AssertUnwindSafe, pin::pin, sync::Arc};
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::{Answer, Client, Message, Recorder, STREAM_BUFFER, body_panicked};
 use crate::{
     BoxError, NotStored, Record, RejectionKind, ResponseBody, StoreResponse,
+    body::Chunks,
     claim::HeldClaim,
     policy::{is_grpc, is_stored},
     store::Store,
@@ -39,7 +40,7 @@ pub(super) async fn commit_then_answer<St, ResB, E>(
 {
     let mut recorder = Recorder::new(&parts, claim.config.response_limit, verdict);
     let mut body = pin!(body);
-    let mut taken = VecDeque::new();
+    let mut taken = Chunks::default();
     let fingerprint = claim.fingerprint;
     let ended = loop {
         if recorder.too_large {

@@ -6,7 +6,6 @@
 mod commit;
 
 use std::{
-    collections::VecDeque,
     future::{Future, poll_fn},
     panic::AssertUnwindSafe,
     pin::{Pin, pin},
@@ -23,9 +22,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::{
     BoxError, Fingerprint, NotStored, Record, ResponseBody, StoreResponse,
+    body::Chunks,
     claim::HeldClaim,
     future::BoxFuture,
-    policy::{effective_status, is_grpc, is_stored},
+    policy::{GRPC_STATUS, effective_status, is_grpc, is_stored},
     record::HeaderSection,
     store::Store,
 };
@@ -194,7 +194,7 @@ where
 
         // Take what the body has ready without waiting: a body that is complete
         // at once is stored before the client sees it, and sent in one piece.
-        let mut early = VecDeque::new();
+        let mut early = Chunks::default();
         let mut early_len = 0;
         let mut ended = false;
         while early_len <= EAGER_LIMIT {
@@ -268,7 +268,7 @@ async fn stream<St, ResB, E>(
     claim: &mut HeldClaim<St>,
     mut body: Pin<&mut ResB>,
     mut recorder: Recorder,
-    early: VecDeque<Bytes>,
+    early: Chunks,
     parts: http::response::Parts,
     answer: Answer<ResB, E>,
 ) where
@@ -435,7 +435,7 @@ impl Recorder {
 
     /// Keeps the data of the frames [`Recorder::observe`] saw, once the
     /// body streams and they go to the client.
-    fn adopt(&mut self, early: &VecDeque<Bytes>) {
+    fn adopt(&mut self, early: &Chunks) {
         if !self.too_large {
             self.chunks.extend(early.iter().filter(|data| !data.is_empty()).cloned());
         }
@@ -459,7 +459,7 @@ impl Recorder {
     /// The `grpc-status` of the trailers, as an HTTP status.
     fn trailer_status(&self) -> Option<StatusCode> {
         let trailers = self.trailers.as_deref()?;
-        trailers.get("grpc-status")?;
+        trailers.get(GRPC_STATUS)?;
         Some(effective_status(StatusCode::OK, trailers))
     }
 

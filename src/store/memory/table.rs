@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use hashbrown::HashTable;
+use hashbrown::{
+    HashTable,
+    hash_table::{self, OccupiedEntry},
+};
 use tokio::{
     sync::{Notify, futures::OwnedNotified},
     time::Instant,
@@ -69,8 +72,11 @@ struct Shard {
     /// due removes the expired entries of its hash, and moves on to the
     /// soonest expiry of those still live (a completed record's retention
     /// outlasts the lease its claim was slotted for).
-    expiries: BinaryHeap<Reverse<(Micros, u64)>>,
+    expiries: Expiries,
 }
+
+/// A shard's expiry slots: (when, the hash of the ids it is for).
+type Expiries = BinaryHeap<Reverse<(Micros, u64)>>;
 
 pub(super) struct Entry {
     id: IdPrefix,
@@ -299,14 +305,6 @@ impl Inner {
         }
     }
 
-    fn remove(&self, shard: &mut Shard, hash: u64, id: &RecordId) {
-        let key = prefix(id);
-        if let Ok(found) = shard.entries.find_entry(hash, |entry| entry.id == key) {
-            let (entry, _) = found.remove();
-            self.forget(entry);
-        }
-    }
-
     /// Reserves room for `delta` more bytes, or refuses.
     fn reserve_bytes(&self, delta: usize) -> bool {
         self.bytes
@@ -344,23 +342,27 @@ impl Inner {
         Lease::new(OwnerToken::from_u128(owner), FencingToken::new(fencing))
     }
 
-    /// Runs `f` on the live entry owned by `owner`, or reports `NotOwner`.
+    /// Runs `f` on the live entry owned by `owner`, or reports `NotOwner`;
+    /// `f` gets the entry, found once, and the shard's expiry slots.
     fn with_owned<T>(
         &self,
         id: &RecordId,
         owner: OwnerToken,
-        f: impl FnOnce(&Self, &mut Shard, u64, Micros) -> Result<T, StoreError>,
+        f: impl FnOnce(&Self, OccupiedEntry<'_, Entry>, &mut Expiries, u64, Micros) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let now = self.now();
         let key = prefix(id);
         let hash = self.hasher.hash(&key);
-        let mut shard = self.shard(hash);
-        self.purge(&mut shard, now, PURGE_PER_CALL);
-        match shard.entries.find(hash, |entry| entry.id == key) {
-            Some(Entry { state: State::InFlight(in_flight), expires_at, .. })
-                if in_flight.owner == owner && *expires_at > now =>
+        let mut guard = self.shard(hash);
+        let shard = &mut *guard;
+        self.purge(shard, now, PURGE_PER_CALL);
+        let Shard { entries, expiries } = shard;
+        match entries.find_entry(hash, |entry| entry.id == key) {
+            Ok(found)
+                if found.get().expires_at > now
+                    && matches!(&found.get().state, State::InFlight(in_flight) if in_flight.owner == owner) =>
             {
-                f(self, &mut shard, hash, now)
+                f(self, found, expiries, hash, now)
             }
             _ => Err(StoreError::NotOwner),
         }
@@ -368,8 +370,7 @@ impl Inner {
 
     pub(super) fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
         let now = self.now();
-        let id = request.id();
-        let key = prefix(&id);
+        let key = prefix(&request.id());
         let hash = self.hasher.hash(&key);
         let mut guard = self.shard(hash);
         let shard = &mut *guard;
@@ -382,37 +383,42 @@ impl Inner {
                 waiters: None,
             }))
         };
-        match shard.entries.find_mut(hash, |entry| entry.id == key) {
-            Some(entry) if entry.expires_at > now => match &entry.state {
-                State::InFlight(in_flight) => Some(Ok(Claim::InFlight { fingerprint: in_flight.fingerprint })),
-                State::Completed(record) if !request.replace_completed() => {
-                    Some(Ok(Claim::Completed(hand_out(record))))
-                }
-                State::Completed(_) => {
-                    let lease = self.new_lease();
-                    self.resize(entry.size(), IN_FLIGHT_SIZE);
-                    entry.state = in_flight(lease);
-                    // Sooner than the retention it had: it needs a slot.
-                    entry.expires_at = after(now, request.lease());
-                    shard.expiries.push(Reverse((entry.expires_at, hash)));
-                    Some(Ok(Claim::Acquired(lease)))
-                }
-            },
-            _ => {
-                self.remove(shard, hash, &id);
-                if !self.reserve_entry() {
-                    // Let the caller reclaim expired records without holding
-                    // this shard's lock, then try once more.
-                    return None;
-                }
-                let lease = self.new_lease();
-                let expires_at = after(now, request.lease());
-                let entry = Entry { id: key, expires_at, state: in_flight(lease) };
-                shard.entries.insert_unique(hash, entry, |entry| self.hasher.hash(&entry.id));
-                shard.expiries.push(Reverse((expires_at, hash)));
-                Some(Ok(Claim::Acquired(lease)))
+        let Shard { entries, expiries } = shard;
+        // One probe: a miss keeps its slot for the insert.
+        let vacant = match entries.entry(hash, |entry| entry.id == key, |entry| self.hasher.hash(&entry.id)) {
+            hash_table::Entry::Occupied(mut found) if found.get().expires_at > now => {
+                let entry = found.get_mut();
+                return Some(Ok(match &entry.state {
+                    State::InFlight(in_flight) => Claim::InFlight { fingerprint: in_flight.fingerprint },
+                    State::Completed(record) if !request.replace_completed() => Claim::Completed(hand_out(record)),
+                    State::Completed(_) => {
+                        let lease = self.new_lease();
+                        self.resize(entry.size(), IN_FLIGHT_SIZE);
+                        entry.state = in_flight(lease);
+                        // Sooner than the retention it had: it needs a slot.
+                        entry.expires_at = after(now, request.lease());
+                        expiries.push(Reverse((entry.expires_at, hash)));
+                        Claim::Acquired(lease)
+                    }
+                }));
             }
+            hash_table::Entry::Occupied(expired) => {
+                let (entry, vacant) = expired.remove();
+                self.forget(entry);
+                vacant
+            }
+            hash_table::Entry::Vacant(vacant) => vacant,
+        };
+        if !self.reserve_entry() {
+            // Let the caller reclaim expired records without holding this
+            // shard's lock, then try once more.
+            return None;
         }
+        let lease = self.new_lease();
+        let expires_at = after(now, request.lease());
+        vacant.insert(Entry { id: key, expires_at, state: in_flight(lease) });
+        expiries.push(Reverse((expires_at, hash)));
+        Some(Ok(Claim::Acquired(lease)))
     }
 
     /// Completes the claim of `owner` with `record`, kept for `retention`;
@@ -424,11 +430,9 @@ impl Inner {
         record: Record,
         retention: Duration,
     ) -> Result<Result<(), Record>, StoreError> {
-        self.with_owned(id, owner, |inner, shard, hash, now| {
+        self.with_owned(id, owner, |inner, mut found, expiries, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
-            let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) else {
-                return Err(StoreError::NotOwner);
-            };
+            let entry = found.get_mut();
             let old = entry.size();
             if size > old && !inner.reserve_bytes(size - old) {
                 return Ok(Err(record));
@@ -447,7 +451,7 @@ impl Inner {
             }
             // A retention shorter than what was left of the lease.
             if sooner {
-                shard.expiries.push(Reverse((expires_at, hash)));
+                expiries.push(Reverse((expires_at, hash)));
             }
             Ok(Ok(()))
         })
@@ -455,22 +459,21 @@ impl Inner {
 
     /// Gives the claim of `owner` up.
     pub(super) fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        self.with_owned(id, owner, |inner, shard, hash, _| {
-            inner.remove(shard, hash, id);
+        self.with_owned(id, owner, |inner, found, _, _, _| {
+            inner.forget(found.remove().0);
             Ok(())
         })
     }
 
     /// Extends the claim of `owner` to `lease` from now.
     pub(super) fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        self.with_owned(id, owner, |_, shard, hash, now| {
-            if let Some(entry) = shard.entries.find_mut(hash, |entry| entry.id == prefix(id)) {
-                let expires_at = after(now, lease);
-                if expires_at < entry.expires_at {
-                    shard.expiries.push(Reverse((expires_at, hash)));
-                }
-                entry.expires_at = expires_at;
+        self.with_owned(id, owner, |_, mut found, expiries, hash, now| {
+            let entry = found.get_mut();
+            let expires_at = after(now, lease);
+            if expires_at < entry.expires_at {
+                expiries.push(Reverse((expires_at, hash)));
             }
+            entry.expires_at = expires_at;
             Ok(())
         })
     }
