@@ -134,6 +134,40 @@ fn memory_store(c: &mut Criterion) {
             }
         })
     });
+    // Claims given back at once keep the table small, so that what is left
+    // is the claim's own work; on two threads at once, as a server's two
+    // workers, what they share (the store's counters, their cache lines)
+    // shows too.
+    let round = AtomicU64::new(0);
+    for threads in [1, 2] {
+        group.bench_function(BenchmarkId::new("claim_release", format!("{threads}_threads")), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                // Each thread's keys its own, with no counter shared to draw them.
+                let first = (round.fetch_add(1, Ordering::Relaxed) + 1) << 40;
+                std::thread::scope(|scope| {
+                    for thread in 0..threads {
+                        let store = &store;
+                        scope.spawn(move || {
+                            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                            runtime.block_on(async {
+                                for n in 0..iters.div_ceil(threads) {
+                                    let id = RecordId::from_bytes(id_bytes(first + (thread << 36) + n));
+                                    let fingerprint = Fingerprint::from_bytes([7; 32]);
+                                    let request = ClaimRequest::new(id, fingerprint, Duration::from_secs(30));
+                                    let Ok(Claim::Acquired(lease)) = store.claim(request).await else {
+                                        panic!("claimed")
+                                    };
+                                    store.release(&id, lease.owner()).await.unwrap();
+                                }
+                            });
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
     let hot = RecordId::from_bytes(id_bytes(u64::MAX));
     runtime.block_on(async {
         let request = ClaimRequest::new(hot, Fingerprint::from_bytes([7; 32]), Duration::from_secs(30));

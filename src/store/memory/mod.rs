@@ -25,7 +25,10 @@ use crate::{Metrics, Record, RecordId};
 ///   small; watch the `evicted` counter.
 /// - Leases and retention are honoured: an expired record is gone for every
 ///   call, and its memory is reclaimed as calls pass by.
-/// - Sharded 64 ways with one short lock each; no global lock.
+/// - Sharded 64 ways with one short lock each; no global lock. Fencing
+///   tokens come from a counter per shard: a key always lands in the same
+///   shard, so its tokens grow with every claim, as on Redis (a counter per
+///   hash slot); tokens of different keys are not ordered.
 /// - Compact: a completed record is kept as its encoded bytes beside a
 ///   56-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
 ///   it takes per record). Records up to 4 KiB are copied for each replay,

@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -48,14 +48,14 @@ const COPY_LIMIT: usize = 4096;
 type Micros = u64;
 
 pub(super) struct Inner {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Padded<Mutex<Shard>>]>,
     hasher: IdHashing,
     epoch: Instant,
-    entries: AtomicUsize,
-    bytes: AtomicUsize,
+    /// Written on every claim and completion, by every thread: apart from
+    /// what is only read, so that those writes do not evict it.
+    counts: Padded<Counts>,
     max_entries: usize,
     max_bytes: usize,
-    fencing: AtomicU64,
     owner_seed: u64,
     /// Held by the one call that makes room, so a burst of claims on a full
     /// store makes room once.
@@ -65,8 +65,30 @@ pub(super) struct Inner {
     metrics: OnceLock<Metrics>,
 }
 
+/// A value alone on its cache lines (two: neighbouring lines are fetched
+/// in pairs), so that writes to what sits beside it do not evict it.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+struct Counts {
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
 struct Shard {
     entries: HashTable<Entry>,
+    /// The last fencing token handed out here. A key always lands in the
+    /// same shard, so its tokens grow, as the SPEC asks, with no counter
+    /// shared by every thread.
+    fencing: u64,
     /// When entries may have expired, soonest first, with the hash of their
     /// id. Every entry has a slot no later than its expiry; a slot that comes
     /// due removes the expired entries of its hash, and moves on to the
@@ -75,8 +97,34 @@ struct Shard {
     expiries: Expiries,
 }
 
-/// A shard's expiry slots: (when, the hash of the ids it is for).
-type Expiries = BinaryHeap<Reverse<(Micros, u64)>>;
+/// A shard's expiry slots: (when, the hash of the ids it is for), and the
+/// soonest of them beside the shard's lock, so that a claim with nothing
+/// due reads no more than that.
+struct Expiries {
+    slots: BinaryHeap<Reverse<(Micros, u64)>>,
+    soonest: Micros,
+}
+
+impl Expiries {
+    fn new() -> Self {
+        Self { slots: BinaryHeap::new(), soonest: Micros::MAX }
+    }
+
+    fn push(&mut self, at: Micros, hash: u64) {
+        self.soonest = self.soonest.min(at);
+        self.slots.push(Reverse((at, hash)));
+    }
+
+    /// The hash of the soonest slot, taken out, if it is due by `now`.
+    fn pop_due(&mut self, now: Micros) -> Option<u64> {
+        if self.soonest > now {
+            return None;
+        }
+        let Reverse((_, hash)) = self.slots.pop()?;
+        self.soonest = self.slots.peek().map_or(Micros::MAX, |Reverse((at, _))| *at);
+        Some(hash)
+    }
+}
 
 pub(super) struct Entry {
     id: IdPrefix,
@@ -151,6 +199,12 @@ fn hand_out(record: &Record) -> Record {
     if record.encoded_len() <= COPY_LIMIT { record.copied() } else { record.clone() }
 }
 
+/// The shard of a hash: bits its table uses neither for its buckets (the
+/// low ones) nor for its tags (the top seven).
+fn shard_index(hash: u64) -> usize {
+    ((hash >> 32) as usize) % SHARDS
+}
+
 /// `at` plus `duration`, in whole microseconds, saturating.
 fn after(at: Micros, duration: Duration) -> Micros {
     at.saturating_add(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
@@ -159,12 +213,12 @@ fn after(at: Micros, duration: Duration) -> Micros {
 impl Inner {
     /// Entries held, expired ones not yet reclaimed included.
     pub(super) fn len(&self) -> usize {
-        self.entries.load(Ordering::Relaxed)
+        self.counts.entries.load(Ordering::Relaxed)
     }
 
     /// Bytes counted against the byte limit.
     pub(super) fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        self.counts.bytes.load(Ordering::Relaxed)
     }
 
     pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
@@ -173,15 +227,13 @@ impl Inner {
         let hasher = IdHashing { seeds: [random.hash_one(1u8), random.hash_one(2u8) | 1] };
         Self {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard { entries: HashTable::new(), expiries: BinaryHeap::new() }))
+                .map(|_| Padded(Mutex::new(Shard { entries: HashTable::new(), fencing: 0, expiries: Expiries::new() })))
                 .collect(),
             hasher,
             epoch: Instant::now(),
-            entries: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
+            counts: Padded(Counts { entries: AtomicUsize::new(0), bytes: AtomicUsize::new(0) }),
             max_entries,
             max_bytes,
-            fencing: AtomicU64::new(0),
             owner_seed,
             making_room: Mutex::new(()),
             metrics: OnceLock::new(),
@@ -259,29 +311,22 @@ impl Inner {
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        // Bits the shard's table uses neither for its buckets (the low ones)
-        // nor for its tags (the top seven).
-        let index = ((hash >> 32) as usize) % SHARDS;
         // A panic while a shard was locked cannot leave an entry half
         // written (every update is one assignment), so poison is ignored.
-        self.shards[index].lock().unwrap_or_else(|poison| poison.into_inner())
+        self.shards[shard_index(hash)].lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Handles up to `limit` expiry slots that are due.
     fn purge(&self, shard: &mut Shard, now: Micros, limit: usize) {
         for _ in 0..limit {
-            match shard.expiries.peek() {
-                Some(Reverse((at, _))) if *at <= now => {}
-                _ => return,
-            }
-            let Some(Reverse((_, hash))) = shard.expiries.pop() else { return };
+            let Some(hash) = shard.expiries.pop_due(now) else { return };
             while let Ok(expired) = shard.entries.find_entry(hash, |entry| entry.expires_at <= now) {
                 let (entry, _) = expired.remove();
                 self.forget(entry);
             }
             let next = shard.entries.iter_hash(hash).map(|entry| entry.expires_at).min();
             if let Some(next) = next {
-                shard.expiries.push(Reverse((next, hash)));
+                shard.expiries.push(next, hash);
             }
         }
     }
@@ -296,8 +341,8 @@ impl Inner {
 
     /// Accounts for an entry taken out of its table.
     fn forget(&self, entry: Entry) {
-        self.entries.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(entry.size(), Ordering::Relaxed);
+        self.counts.entries.fetch_sub(1, Ordering::Relaxed);
+        self.counts.bytes.fetch_sub(entry.size(), Ordering::Relaxed);
         if let State::InFlight(in_flight) = entry.state
             && let Some(waiters) = in_flight.waiters
         {
@@ -307,7 +352,8 @@ impl Inner {
 
     /// Reserves room for `delta` more bytes, or refuses.
     fn reserve_bytes(&self, delta: usize) -> bool {
-        self.bytes
+        self.counts
+            .bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bytes| {
                 bytes.checked_add(delta).filter(|&total| total <= self.max_bytes)
             })
@@ -316,11 +362,12 @@ impl Inner {
 
     fn reserve_entry(&self) -> bool {
         let reserved = self
+            .counts
             .entries
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_entries).then_some(n + 1))
             .is_ok();
         if reserved && !self.reserve_bytes(IN_FLIGHT_SIZE) {
-            self.entries.fetch_sub(1, Ordering::Relaxed);
+            self.counts.entries.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         reserved
@@ -330,16 +377,19 @@ impl Inner {
     /// refuses: a claim's in-flight size is room it already holds.
     fn resize(&self, old: usize, new: usize) {
         if old > new {
-            self.bytes.fetch_sub(old - new, Ordering::Relaxed);
+            self.counts.bytes.fetch_sub(old - new, Ordering::Relaxed);
         } else {
-            self.bytes.fetch_add(new - old, Ordering::Relaxed);
+            self.counts.bytes.fetch_add(new - old, Ordering::Relaxed);
         }
     }
 
-    fn new_lease(&self) -> Lease {
-        let fencing = self.fencing.fetch_add(1, Ordering::Relaxed) + 1;
-        let owner = (u128::from(self.owner_seed) << 64) | u128::from(fencing);
-        Lease::new(OwnerToken::from_u128(owner), FencingToken::new(fencing))
+    /// A lease from a shard's fencing counter; its owner token holds the
+    /// shard's index too, so that no two claims anywhere share one.
+    fn new_lease(&self, fencing: &mut u64, hash: u64) -> Lease {
+        *fencing += 1;
+        let seed = self.owner_seed ^ shard_index(hash) as u64;
+        let owner = (u128::from(seed) << 64) | u128::from(*fencing);
+        Lease::new(OwnerToken::from_u128(owner), FencingToken::new(*fencing))
     }
 
     /// Runs `f` on the live entry owned by `owner`, or reports `NotOwner`;
@@ -356,7 +406,7 @@ impl Inner {
         let mut guard = self.shard(hash);
         let shard = &mut *guard;
         self.purge(shard, now, PURGE_PER_CALL);
-        let Shard { entries, expiries } = shard;
+        let Shard { entries, expiries, .. } = shard;
         match entries.find_entry(hash, |entry| entry.id == key) {
             Ok(found)
                 if found.get().expires_at > now
@@ -383,7 +433,7 @@ impl Inner {
                 waiters: None,
             }))
         };
-        let Shard { entries, expiries } = shard;
+        let Shard { entries, fencing, expiries } = shard;
         // One probe: a miss keeps its slot for the insert.
         let vacant = match entries.entry(hash, |entry| entry.id == key, |entry| self.hasher.hash(&entry.id)) {
             hash_table::Entry::Occupied(mut found) if found.get().expires_at > now => {
@@ -392,12 +442,12 @@ impl Inner {
                     State::InFlight(in_flight) => Claim::InFlight { fingerprint: in_flight.fingerprint },
                     State::Completed(record) if !request.replace_completed() => Claim::Completed(hand_out(record)),
                     State::Completed(_) => {
-                        let lease = self.new_lease();
+                        let lease = self.new_lease(fencing, hash);
                         self.resize(entry.size(), IN_FLIGHT_SIZE);
                         entry.state = in_flight(lease);
                         // Sooner than the retention it had: it needs a slot.
                         entry.expires_at = after(now, request.lease());
-                        expiries.push(Reverse((entry.expires_at, hash)));
+                        expiries.push(entry.expires_at, hash);
                         Claim::Acquired(lease)
                     }
                 }));
@@ -414,10 +464,10 @@ impl Inner {
             // shard's lock, then try once more.
             return None;
         }
-        let lease = self.new_lease();
+        let lease = self.new_lease(fencing, hash);
         let expires_at = after(now, request.lease());
         vacant.insert(Entry { id: key, expires_at, state: in_flight(lease) });
-        expiries.push(Reverse((expires_at, hash)));
+        expiries.push(expires_at, hash);
         Some(Ok(Claim::Acquired(lease)))
     }
 
@@ -451,7 +501,7 @@ impl Inner {
             }
             // A retention shorter than what was left of the lease.
             if sooner {
-                expiries.push(Reverse((expires_at, hash)));
+                expiries.push(expires_at, hash);
             }
             Ok(Ok(()))
         })
@@ -471,7 +521,7 @@ impl Inner {
             let entry = found.get_mut();
             let expires_at = after(now, lease);
             if expires_at < entry.expires_at {
-                expiries.push(Reverse((expires_at, hash)));
+                expiries.push(expires_at, hash);
             }
             entry.expires_at = expires_at;
             Ok(())
@@ -526,6 +576,33 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(n: u8) -> RecordId {
+        let mut bytes = [0x5a; 32];
+        bytes[0] = n;
+        RecordId::from_bytes(bytes)
+    }
+
+    fn claim(table: &Inner, n: u8) -> Lease {
+        let request = ClaimRequest::new(id(n), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30));
+        match table.try_claim(&request) {
+            Some(Ok(Claim::Acquired(lease))) => lease,
+            _ => panic!("key {n} was not claimed"),
+        }
+    }
+
+    #[test]
+    fn owner_tokens_are_unique_across_shards_and_fencing_tokens_grow_per_key() {
+        let table = Inner::new(10_000, usize::MAX);
+        let leases: Vec<Lease> = (0..=255).map(|n| claim(&table, n)).collect();
+        let owners: std::collections::HashSet<_> = leases.iter().map(Lease::owner).collect();
+        let tokens: std::collections::HashSet<_> = leases.iter().map(Lease::fencing_token).collect();
+        // Each shard counts from 1: tokens repeat across shards, owners never.
+        assert!(tokens.len() < 256, "every token differs: this shows nothing of the owners");
+        assert_eq!(owners.len(), 256);
+        table.release(&id(7), leases[7].owner()).unwrap();
+        assert!(claim(&table, 7).fencing_token() > leases[7].fencing_token());
+    }
 
     #[test]
     fn ids_that_differ_in_any_byte_spread_over_shards_and_buckets() {
