@@ -5,7 +5,11 @@
 //! trip, as a replay makes), and with a `GET` before and a `SET` after (two,
 //! as a first execution makes), on the multiplexed connection the Redis store
 //! uses. No layer that makes those round trips through deadpool-redis can be
-//! faster than they are on the same machine. Each is driven by the same
+//! faster than they are on the same machine. Three rows are the stores
+//! alone, no layer either: the handler with the memory or the Redis store's
+//! claim before it and completion after, called through the `Store` trait,
+//! so that the store's own commands and the layer's own work can be told
+//! apart. Each is driven by the same
 //! number of keep-alive connections for the same time: fresh keys (first
 //! executions), 1,000 hot keys (replays), and groups of four requests sent at
 //! once with one key (concurrent duplicates). The memory store holds
@@ -42,12 +46,15 @@ use std::{
 
 use axum::{Router, routing::post};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tower_idempotency::{
     Fingerprint, IdempotencyKey, IdempotencyLayer, Record, RecordId, Scope, Store, StoredResponse,
-    store::{Claim, ClaimRequest, MemoryStore, redis::deadpool_redis},
+    store::{
+        Claim, ClaimRequest, MemoryStore,
+        redis::{RedisStore, deadpool_redis},
+    },
 };
 
 /// Keep-alive connections driving each server, unless `--connections`.
@@ -75,6 +82,11 @@ enum Served {
     Redis,
     /// Behind the layer on Redis, claims taking no fencing token.
     RedisNoFencing,
+    /// The handler with the memory store's claim before it and its
+    /// completion after, called directly: no layer.
+    MemoryStoreAlone,
+    /// The same on the Redis store.
+    RedisStoreAlone,
     /// The handler inserting its charge in a transaction of its own.
     #[cfg(feature = "postgres")]
     PostgresFloor,
@@ -87,7 +99,7 @@ enum Served {
 impl Served {
     /// Whether the scenario talks to Redis, whose CPU and calls it reports.
     fn uses_redis(self) -> bool {
-        matches!(self, Self::RoundTrips(_) | Self::Redis | Self::RedisNoFencing)
+        matches!(self, Self::RoundTrips(_) | Self::Redis | Self::RedisNoFencing | Self::RedisStoreAlone)
     }
 
     /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
@@ -211,6 +223,45 @@ fn router_round_trips(
                     let _: () = set.query_async(&mut redis).await.unwrap();
                 }
                 ([("content-type", "application/json")], json)
+            }
+        }),
+    )
+}
+
+/// The same handler with a store's claim before it and its completion after,
+/// called directly through the `Store` trait: the store's commands and its
+/// client code, none of the layer's work (no fingerprint, no recording, no
+/// response built from a record but its body). What a layer on `store`
+/// cannot beat; beside the round-trip floors it shows what the store's
+/// commands cost over plain ones, and beside the layer what the layer's
+/// own work costs.
+fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St) -> Router {
+    const KEY: HeaderName = HeaderName::from_static("idempotency-key");
+    Router::new().route(
+        "/v1/charges",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let (executions, store) = (executions.clone(), store.clone());
+            async move {
+                let key = IdempotencyKey::from_headers(&headers, &KEY).unwrap().unwrap();
+                let id = RecordId::new("", &Scope::anonymous(), &key);
+                let fingerprint = Fingerprint::from_bytes([7; 32]);
+                let claimed = store.claim(ClaimRequest::new(id, fingerprint, Duration::from_secs(30))).await.unwrap();
+                let json = match claimed {
+                    Claim::Acquired(lease) => {
+                        let json = Bytes::from(charge(&executions, body.len()));
+                        let mut headers = HeaderMap::new();
+                        headers.insert("content-type", HeaderValue::from_static("application/json"));
+                        let response = StoredResponse::new(StatusCode::OK, headers, json.clone(), None);
+                        let record = Record::new(fingerprint, response);
+                        store.complete(&id, lease.owner(), record, Duration::from_secs(86_400)).await.unwrap();
+                        json
+                    }
+                    Claim::Completed(record) => record.into_response().unwrap().into_parts().2,
+                    _ => return (StatusCode::CONFLICT, HeaderMap::new(), Bytes::new()),
+                };
+                let mut headers = HeaderMap::new();
+                headers.insert("content-type", HeaderValue::from_static("application/json"));
+                (StatusCode::OK, headers, json)
             }
         }),
     )
@@ -628,6 +679,9 @@ fn main() {
         ("redis, duplicates", Served::Redis, Keys::Duplicates),
         ("redis nofence, first", Served::RedisNoFencing, Keys::Fresh),
         ("redis nofence, replays", Served::RedisNoFencing, Keys::Hot),
+        ("memory store alone, first", Served::MemoryStoreAlone, Keys::Fresh),
+        ("redis store alone, first", Served::RedisStoreAlone, Keys::Fresh),
+        ("redis store alone, replays", Served::RedisStoreAlone, Keys::Hot),
     ];
     #[cfg(feature = "postgres")]
     if database.is_some() {
@@ -666,6 +720,8 @@ fn main() {
                 }
                 Served::RedisNoFencing => router(executions.clone())
                     .layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous).with_fencing_tokens(false)),
+                Served::MemoryStoreAlone => router_store_alone(executions.clone(), memory.clone()),
+                Served::RedisStoreAlone => router_store_alone(executions.clone(), RedisStore::new(pool().unwrap())),
                 #[cfg(feature = "postgres")]
                 Served::PostgresFloor => {
                     postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
