@@ -13,7 +13,9 @@
 //! number of keep-alive connections for the same time: fresh keys (first
 //! executions), 1,000 hot keys (replays), and groups of four requests sent at
 //! once with one key (concurrent duplicates). The memory store holds
-//! 1,000,000 completed records before its scenarios start.
+//! 1,000,000 completed records before its scenarios start and has no
+//! limits; one more row runs fresh keys on a store of the default limits,
+//! which they keep full, so that it evicts as it goes.
 //!
 //! With the `postgres` feature, and PostgreSQL at `DATABASE_URL` (else
 //! `postgres://postgres@127.0.0.1:5432/postgres`), in a database the
@@ -78,6 +80,9 @@ enum Served {
     RoundTrips(bool),
     /// Behind the layer on the memory store.
     Memory,
+    /// Behind the layer on a memory store of the default limits (100,000
+    /// records, 64 MiB), which fresh keys keep full: it evicts.
+    MemoryDefault,
     /// Behind the layer on Redis.
     Redis,
     /// Behind the layer on Redis, claims taking no fencing token.
@@ -674,6 +679,7 @@ fn main() {
         ("memory, first executions", Served::Memory, Keys::Fresh),
         ("memory, replays", Served::Memory, Keys::Hot),
         ("memory, duplicates", Served::Memory, Keys::Duplicates),
+        ("memory default, first", Served::MemoryDefault, Keys::Fresh),
         ("redis, first executions", Served::Redis, Keys::Fresh),
         ("redis, replays", Served::Redis, Keys::Hot),
         ("redis, duplicates", Served::Redis, Keys::Duplicates),
@@ -712,6 +718,9 @@ fn main() {
                     router_round_trips(executions.clone(), connection, two)
                 }
                 // The load carries no credentials: one shared scope, opted into.
+                Served::MemoryDefault => {
+                    router(executions.clone()).layer(IdempotencyLayer::new(MemoryStore::new()).with_scope(anonymous))
+                }
                 Served::Memory => {
                     router(executions.clone()).layer(IdempotencyLayer::new(memory.clone()).with_scope(anonymous))
                 }
