@@ -1,5 +1,6 @@
 //! The built-in in-memory store.
 
+mod expiries;
 mod table;
 
 use std::{sync::Arc, time::Duration};

@@ -2,8 +2,7 @@
 //! their expiry, and the entry and byte accounting against the limits.
 
 use std::{
-    cmp::Reverse,
-    collections::{BinaryHeap, hash_map::RandomState},
+    collections::hash_map::RandomState,
     hash::BuildHasher,
     pin::Pin,
     sync::{
@@ -22,6 +21,7 @@ use tokio::{
     time::Instant,
 };
 
+use super::expiries::{Expiries, Micros, after};
 use crate::{
     FencingToken, Fingerprint, Metrics, Record, RecordId,
     store::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, StoreError},
@@ -42,10 +42,6 @@ const PURGE_PER_CALL: usize = 32;
 /// as it is kept (32 bytes of heap, a lot beside a small record), while a
 /// copy of a few KiB costs well under a microsecond.
 const COPY_LIMIT: usize = 4096;
-
-/// Microseconds since the store's epoch: 8 bytes an entry instead of an
-/// `Instant`'s 16.
-type Micros = u64;
 
 pub(super) struct Inner {
     shards: Box<[Padded<Mutex<Shard>>]>,
@@ -95,35 +91,6 @@ struct Shard {
     /// soonest expiry of those still live (a completed record's retention
     /// outlasts the lease its claim was slotted for).
     expiries: Expiries,
-}
-
-/// A shard's expiry slots: (when, the hash of the ids it is for), and the
-/// soonest of them beside the shard's lock, so that a claim with nothing
-/// due reads no more than that.
-struct Expiries {
-    slots: BinaryHeap<Reverse<(Micros, u64)>>,
-    soonest: Micros,
-}
-
-impl Expiries {
-    fn new() -> Self {
-        Self { slots: BinaryHeap::new(), soonest: Micros::MAX }
-    }
-
-    fn push(&mut self, at: Micros, hash: u64) {
-        self.soonest = self.soonest.min(at);
-        self.slots.push(Reverse((at, hash)));
-    }
-
-    /// The hash of the soonest slot, taken out, if it is due by `now`.
-    fn pop_due(&mut self, now: Micros) -> Option<u64> {
-        if self.soonest > now {
-            return None;
-        }
-        let Reverse((_, hash)) = self.slots.pop()?;
-        self.soonest = self.slots.peek().map_or(Micros::MAX, |Reverse((at, _))| *at);
-        Some(hash)
-    }
 }
 
 pub(super) struct Entry {
@@ -203,11 +170,6 @@ fn hand_out(record: &Record) -> Record {
 /// low ones) nor for its tags (the top seven).
 fn shard_index(hash: u64) -> usize {
     ((hash >> 32) as usize) % SHARDS
-}
-
-/// `at` plus `duration`, in whole microseconds, saturating.
-fn after(at: Micros, duration: Duration) -> Micros {
-    at.saturating_add(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
 }
 
 impl Inner {
