@@ -90,8 +90,8 @@ enum Served {
     /// The handler with the memory store's claim before it and its
     /// completion after, called directly: no layer.
     MemoryStoreAlone,
-    /// The same on the Redis store.
-    RedisStoreAlone,
+    /// The same on the Redis store; `false`: claims taking no fencing token.
+    RedisStoreAlone(bool),
     /// The handler inserting its charge in a transaction of its own.
     #[cfg(feature = "postgres")]
     PostgresFloor,
@@ -104,7 +104,7 @@ enum Served {
 impl Served {
     /// Whether the scenario talks to Redis, whose CPU and calls it reports.
     fn uses_redis(self) -> bool {
-        matches!(self, Self::RoundTrips(_) | Self::Redis | Self::RedisNoFencing | Self::RedisStoreAlone)
+        matches!(self, Self::RoundTrips(_) | Self::Redis | Self::RedisNoFencing | Self::RedisStoreAlone(_))
     }
 
     /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
@@ -234,13 +234,13 @@ fn router_round_trips(
 }
 
 /// The same handler with a store's claim before it and its completion after,
-/// called directly through the `Store` trait: the store's commands and its
-/// client code, none of the layer's work (no fingerprint, no recording, no
-/// response built from a record but its body). What a layer on `store`
-/// cannot beat; beside the round-trip floors it shows what the store's
-/// commands cost over plain ones, and beside the layer what the layer's
-/// own work costs.
-fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St) -> Router {
+/// called directly through the `Store` trait (with `fencing`, claims take a
+/// fencing token): the store's commands and its client code, none of the
+/// layer's work (no fingerprint, no recording, no response built from a
+/// record but its body). What a layer on `store` cannot beat; beside the
+/// round-trip floors it shows what the store's commands cost over plain
+/// ones, and beside the layer what the layer's own work costs.
+fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St, fencing: bool) -> Router {
     const KEY: HeaderName = HeaderName::from_static("idempotency-key");
     Router::new().route(
         "/v1/charges",
@@ -250,7 +250,8 @@ fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St) 
                 let key = IdempotencyKey::from_headers(&headers, &KEY).unwrap().unwrap();
                 let id = RecordId::new("", &Scope::anonymous(), &key);
                 let fingerprint = Fingerprint::from_bytes([7; 32]);
-                let claimed = store.claim(ClaimRequest::new(id, fingerprint, Duration::from_secs(30))).await.unwrap();
+                let claim = ClaimRequest::new(id, fingerprint, Duration::from_secs(30)).with_fencing_token(fencing);
+                let claimed = store.claim(claim).await.unwrap();
                 let json = match claimed {
                     Claim::Acquired(lease) => {
                         let json = Bytes::from(charge(&executions, body.len()));
@@ -686,8 +687,10 @@ fn main() {
         ("redis nofence, first", Served::RedisNoFencing, Keys::Fresh),
         ("redis nofence, replays", Served::RedisNoFencing, Keys::Hot),
         ("memory store alone, first", Served::MemoryStoreAlone, Keys::Fresh),
-        ("redis store alone, first", Served::RedisStoreAlone, Keys::Fresh),
-        ("redis store alone, replays", Served::RedisStoreAlone, Keys::Hot),
+        ("redis store alone, first", Served::RedisStoreAlone(true), Keys::Fresh),
+        ("redis store alone, replays", Served::RedisStoreAlone(true), Keys::Hot),
+        ("redis alone nofence, first", Served::RedisStoreAlone(false), Keys::Fresh),
+        ("redis alone nofence, replays", Served::RedisStoreAlone(false), Keys::Hot),
     ];
     #[cfg(feature = "postgres")]
     if database.is_some() {
@@ -729,8 +732,10 @@ fn main() {
                 }
                 Served::RedisNoFencing => router(executions.clone())
                     .layer(IdempotencyLayer::redis(pool().unwrap()).with_scope(anonymous).with_fencing_tokens(false)),
-                Served::MemoryStoreAlone => router_store_alone(executions.clone(), memory.clone()),
-                Served::RedisStoreAlone => router_store_alone(executions.clone(), RedisStore::new(pool().unwrap())),
+                Served::MemoryStoreAlone => router_store_alone(executions.clone(), memory.clone(), true),
+                Served::RedisStoreAlone(fencing) => {
+                    router_store_alone(executions.clone(), RedisStore::new(pool().unwrap()), fencing)
+                }
                 #[cfg(feature = "postgres")]
                 Served::PostgresFloor => {
                     postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
