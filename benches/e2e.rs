@@ -771,7 +771,7 @@ fn main() {
     let bare_rate = bare.map_or(f64::NAN, |bare| bare.requests as f64 / bare.seconds);
     let bare_rounds = bare.map(|bare| bare.round_rates.clone()).unwrap_or_default();
     println!(
-        "{:<26} {:>8} {:>9} {:>9} {:>7} {:>15} {:>11} {:>11} {:>10} {:>10}",
+        "{:<29} {:>8} {:>9} {:>9} {:>7} {:>15} {:>11} {:>11} {:>10} {:>10}",
         "scenario",
         "req/s",
         "p50",
@@ -791,7 +791,7 @@ fn main() {
         let per = |d: Duration| d / m.requests.max(1) as u32;
         let rate = m.requests as f64 / m.seconds;
         println!(
-            "{:<26} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>15} {:>11.2?} {:>11.2?} {:>10} {:>10}",
+            "{:<29} {:>8.0} {:>9.2?} {:>9.2?} {:>7.2} {:>15} {:>11.2?} {:>11.2?} {:>10} {:>10}",
             target.name,
             rate,
             at(0.50),
