@@ -5,11 +5,11 @@
 //! trip, as a replay makes), and with a `GET` before and a `SET` after (two,
 //! as a first execution makes), on the multiplexed connection the Redis store
 //! uses. No layer that makes those round trips through deadpool-redis can be
-//! faster than they are on the same machine. Three rows are the stores
-//! alone, no layer either: the handler with the memory or the Redis store's
-//! claim before it and completion after, called through the `Store` trait,
-//! so that the store's own commands and the layer's own work can be told
-//! apart. Each is driven by the same
+//! faster than they are on the same machine. The rows named `alone` are the
+//! stores alone, no layer either: the handler with the memory or the Redis
+//! store's claim before it and completion after, called through the `Store`
+//! trait, so that the store's own commands and the layer's own work can be
+//! told apart. Each is driven by the same
 //! number of keep-alive connections for the same time: fresh keys (first
 //! executions), 1,000 hot keys (replays), and groups of four requests sent at
 //! once with one key (concurrent duplicates). The memory store holds
@@ -233,6 +233,11 @@ fn router_round_trips(
     )
 }
 
+/// A stored response's headers: the handler's JSON content type.
+fn json_headers() -> HeaderMap {
+    HeaderMap::from_iter([(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))])
+}
+
 /// The same handler with a store's claim before it and its completion after,
 /// called directly through the `Store` trait (with `fencing`, claims take a
 /// fencing token): the store's commands and its client code, none of the
@@ -255,9 +260,7 @@ fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St, 
                 let json = match claimed {
                     Claim::Acquired(lease) => {
                         let json = Bytes::from(charge(&executions, body.len()));
-                        let mut headers = HeaderMap::new();
-                        headers.insert("content-type", HeaderValue::from_static("application/json"));
-                        let response = StoredResponse::new(StatusCode::OK, headers, json.clone(), None);
+                        let response = StoredResponse::new(StatusCode::OK, json_headers(), json.clone(), None);
                         let record = Record::new(fingerprint, response);
                         store.complete(&id, lease.owner(), record, Duration::from_secs(86_400)).await.unwrap();
                         json
@@ -265,9 +268,7 @@ fn router_store_alone<St: Store + Clone>(executions: Arc<AtomicU64>, store: St, 
                     Claim::Completed(record) => record.into_response().unwrap().into_parts().2,
                     _ => return (StatusCode::CONFLICT, HeaderMap::new(), Bytes::new()),
                 };
-                let mut headers = HeaderMap::new();
-                headers.insert("content-type", HeaderValue::from_static("application/json"));
-                (StatusCode::OK, headers, json)
+                (StatusCode::OK, json_headers(), json)
             }
         }),
     )
@@ -586,8 +587,7 @@ fn anonymous(_: &http::request::Parts) -> Option<Scope> {
 /// Fills `store` with `count` completed records, as a long-running
 /// service's store holds them.
 async fn hold(store: &MemoryStore, count: u64) {
-    let mut headers = HeaderMap::new();
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let headers = json_headers();
     for n in 0..count {
         let key = IdempotencyKey::parse(format!("held-{n}").as_bytes()).unwrap();
         let id = RecordId::new("", &Scope::anonymous(), &key);
