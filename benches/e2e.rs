@@ -666,7 +666,7 @@ fn main() {
     let database = server.block_on(postgres::Database::create());
     #[cfg(feature = "postgres")]
     if let Some(database) = &database {
-        let store = tower_idempotency::store::postgres::PostgresStore::transactional(database.pool.clone());
+        let store = tower_idempotency::store::postgres::TransactionalStore::new(database.pool.clone());
         server.block_on(store.migrate()).unwrap();
     } else {
         println!("PostgreSQL does not answer: its scenarios are skipped");

@@ -153,15 +153,15 @@ async fn run(flags: Flags) -> Result<(), Box<dyn std::error::Error>> {
 /// transaction.
 #[cfg(feature = "postgres")]
 async fn run_on_postgres(flags: &Flags, url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    use tower_idempotency::store::postgres::{PostgresStore, sqlx::postgres::PgPoolOptions};
+    use tower_idempotency::store::postgres::{TransactionalStore, sqlx::postgres::PgPoolOptions};
 
-    // One connection per request in flight, and one for waiting duplicates.
+    // One connection per request in flight, and half as many again for waiting duplicates.
     let pool = PgPoolOptions::new()
         .max_connections(64)
         .connect(url)
         .await
         .map_err(|error| format!("PostgreSQL at {url} does not answer: {error}"))?;
-    let store = PostgresStore::transactional(pool.clone());
+    let store = TransactionalStore::new(pool.clone());
     store.migrate().await?;
     let payments = payments::Payments::on_postgres(pool, flags.processor_latency).await?;
     serve(flags, IdempotencyLayer::new(store), payments, "PostgreSQL, transactional").await

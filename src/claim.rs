@@ -53,6 +53,10 @@ impl<St: Store> Future for PendingClaim<St> {
 impl<St: Store> Drop for PendingClaim<St> {
     fn drop(&mut self) {
         let Some(claim) = self.claim.take() else { return };
+        if self.config.store.dropped_claims_hold_nothing() {
+            // Not sent yet, or given back as it is dropped: nothing to finish.
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (config, id) = (self.config.clone(), self.id);
         runtime.spawn(async move {
@@ -259,16 +263,18 @@ impl<St: Store> HeldClaim<St> {
         }
     }
 
-    /// Completes the claim once, with no retry, for a store that commits
-    /// the inner service's writes with the record: a failed commit kept
-    /// nothing, so the claim is given back and a retry runs again (a commit
-    /// that landed after all left a record, which a release leaves alone).
+    /// Completes the claim once, with no retry and no store timeout, for a
+    /// store that commits the inner service's writes with the record: a
+    /// commit that is slow still lands, and the store finds out the outcome
+    /// of one it lost sight of ([`StoreError::OutcomeUnknown`] when it
+    /// cannot). A failed commit kept nothing and ended the claim with its
+    /// transaction, so a retry runs again.
     pub(crate) async fn commit(&mut self, record: Record) -> Result<(), StoreError> {
         (self.settled, self.renewing, self.renewal) = (true, false, None);
-        let committed = self.complete(record).await;
+        let config = &self.config;
+        let committed = Box::pin(config.store.complete(&self.id, self.owner, record, config.retention)).await;
         if let Err(error) = &committed {
-            self.config.metrics.store_failed(&self.id, "commit", error);
-            Box::pin(self.config.release(&self.id, self.owner)).await;
+            config.metrics.store_failed(&self.id, "commit", error);
         }
         committed
     }

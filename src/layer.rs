@@ -132,10 +132,11 @@ impl IdempotencyLayer<RedisClusterStore> {
 }
 
 #[cfg(feature = "postgres")]
-impl IdempotencyLayer<crate::store::postgres::PostgresStore> {
-    /// A layer on PostgreSQL in transactional mode, in the table
+impl IdempotencyLayer<crate::store::postgres::TransactionalStore> {
+    /// A layer on PostgreSQL in transactional mode
+    /// ([`TransactionalStore`](crate::store::postgres::TransactionalStore)), in the table
     /// `idempotency_records` (create it with
-    /// [`PostgresStore::migrate`](crate::store::postgres::PostgresStore::migrate)):
+    /// [`TransactionalStore::migrate`](crate::store::postgres::TransactionalStore::migrate)):
     /// each guarded request writes in its
     /// [`RequestTransaction`](crate::store::postgres::RequestTransaction),
     /// which commits with its record before the client gets the response.
@@ -153,7 +154,7 @@ impl IdempotencyLayer<crate::store::postgres::PostgresStore> {
     /// # });
     /// ```
     pub fn postgres(pool: sqlx::PgPool) -> Self {
-        Self::new(crate::store::postgres::PostgresStore::transactional(pool))
+        Self::new(crate::store::postgres::TransactionalStore::new(pool))
     }
 }
 

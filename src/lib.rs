@@ -114,6 +114,8 @@ mod body;
 mod claim;
 mod config;
 mod context;
+#[cfg(feature = "axum")]
+mod extract;
 mod fingerprint;
 mod future;
 mod key;

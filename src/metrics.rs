@@ -167,7 +167,10 @@ fn rejection_outcome(kind: RejectionKind) -> Option<Outcome> {
         RejectionKind::KeyReused => Some(Outcome::Mismatch),
         RejectionKind::InFlight | RejectionKind::InFlightAccepted => Some(Outcome::InFlight),
         RejectionKind::StoreFull => Some(Outcome::StoreFull),
-        RejectionKind::StoreUnavailable | RejectionKind::HandlerPanicked | RejectionKind::NotCommitted => None,
+        RejectionKind::StoreUnavailable
+        | RejectionKind::HandlerPanicked
+        | RejectionKind::NotCommitted
+        | RejectionKind::CommitUnknown => None,
         _ => Some(Outcome::Rejected),
     }
 }
@@ -176,7 +179,9 @@ fn rejection_outcome(kind: RejectionKind) -> Option<Outcome> {
 pub(crate) fn rejection_label(kind: RejectionKind) -> &'static str {
     match kind {
         RejectionKind::StoreUnavailable => Outcome::StoreError.as_str(),
-        RejectionKind::HandlerPanicked | RejectionKind::NotCommitted => Outcome::Executed.as_str(),
+        RejectionKind::HandlerPanicked | RejectionKind::NotCommitted | RejectionKind::CommitUnknown => {
+            Outcome::Executed.as_str()
+        }
         kind => rejection_outcome(kind).map_or("rejected", Outcome::as_str),
     }
 }

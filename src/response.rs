@@ -28,6 +28,7 @@ use crate::{IdempotencyKey, KeyError, NotStored, ResponseBody};
 /// | `StoreFull` | 503 + `Retry-After` | `RESOURCE_EXHAUSTED` (8) |
 /// | `HandlerPanicked` | 500 | `INTERNAL` (13) |
 /// | `NotCommitted` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
+/// | `CommitUnknown` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 ///
 /// # Example
 /// ```
@@ -72,6 +73,11 @@ pub enum RejectionKind {
     /// store: a serialization failure, a deadlock, the database gone): nothing
     /// it wrote was kept and its key was given back.
     NotCommitted,
+    /// The request's database transaction was sent to commit, and whether
+    /// it did could not be found out (a transactional store lost its
+    /// connection and the database did not answer since): a retry with the
+    /// same key is safe, never one with a new key.
+    CommitUnknown,
 }
 
 impl RejectionKind {
@@ -91,7 +97,9 @@ impl RejectionKind {
             Self::InFlight | Self::KeyAlreadyUsed => StatusCode::CONFLICT,
             Self::InFlightAccepted => StatusCode::ACCEPTED,
             Self::ResponseNotStored(_) => StatusCode::GONE,
-            Self::StoreUnavailable | Self::StoreFull | Self::NotCommitted => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull | Self::NotCommitted | Self::CommitUnknown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::HandlerPanicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,7 +120,7 @@ impl RejectionKind {
             Self::InFlight | Self::InFlightAccepted => 10,
             Self::KeyAlreadyUsed => 6,
             Self::ResponseNotStored(_) => 9,
-            Self::StoreUnavailable | Self::NotCommitted => 14,
+            Self::StoreUnavailable | Self::NotCommitted | Self::CommitUnknown => 14,
             Self::StoreFull => 8,
             Self::HandlerPanicked => 13,
         }
@@ -142,6 +150,7 @@ impl RejectionKind {
             Self::StoreFull => "urn:tower-idempotency:problem:store-full",
             Self::HandlerPanicked => "urn:tower-idempotency:problem:handler-panicked",
             Self::NotCommitted => "urn:tower-idempotency:problem:not-committed",
+            Self::CommitUnknown => "urn:tower-idempotency:problem:commit-unknown",
         }
     }
 
@@ -169,6 +178,7 @@ impl RejectionKind {
             Self::StoreFull => "Idempotency store full",
             Self::HandlerPanicked => "The request failed",
             Self::NotCommitted => "The request's transaction did not commit",
+            Self::CommitUnknown => "Whether the request's transaction committed is unknown",
         }
     }
 
@@ -218,6 +228,11 @@ impl RejectionKind {
             Self::HandlerPanicked => "The request failed on the server; it may be retried with the same key.".into(),
             Self::NotCommitted => "The request's database transaction did not commit, so nothing it did was kept; \
                                    retry it with the same key."
+                .into(),
+            Self::CommitUnknown => "The request's database transaction may or may not have committed: the \
+                                    connection to the database was lost while it committed. Retry with the same \
+                                    key, which is safe: it returns the result if it committed, and runs the \
+                                    request otherwise. Do not retry with a new key."
                 .into(),
         }
     }
@@ -282,7 +297,8 @@ impl Rejection {
             | RejectionKind::InFlightAccepted
             | RejectionKind::StoreUnavailable
             | RejectionKind::StoreFull
-            | RejectionKind::NotCommitted => self.with_retry_after(retry_after),
+            | RejectionKind::NotCommitted
+            | RejectionKind::CommitUnknown => self.with_retry_after(retry_after),
             _ => self,
         };
         responder.respond(&rejection).map(ResponseBody::full)
@@ -502,6 +518,7 @@ mod tests {
             RejectionKind::StoreFull,
             RejectionKind::HandlerPanicked,
             RejectionKind::NotCommitted,
+            RejectionKind::CommitUnknown,
         ];
         let types: std::collections::HashSet<_> = kinds.iter().map(RejectionKind::problem_type).collect();
         assert_eq!(types.len(), kinds.len());

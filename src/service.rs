@@ -297,6 +297,7 @@ impl<St: Store> Guarded<St> {
                     Claim::InFlight { fingerprint: theirs } if theirs != fingerprint => {
                         return Ok(self.reject(RejectionKind::KeyReused));
                     }
+                    Claim::InFlightMismatch => return Ok(self.reject(RejectionKind::KeyReused)),
                     Claim::InFlight { .. } => match &config.in_flight {
                         InFlightPolicy::Conflict => return Ok(self.reject(RejectionKind::InFlight)),
                         InFlightPolicy::Accepted { status_url } => {
@@ -313,8 +314,12 @@ impl<St: Store> Guarded<St> {
                                 return Ok(self.reject(RejectionKind::InFlight));
                             }
                             // Boxed: see BENCHMARKS.md, "Future sizes".
-                            let wait = config.store.wait(&id, deadline - now);
-                            let _ = Box::pin(tokio::time::timeout_at(deadline, wait)).await;
+                            let wait = config.store.wait(&claim, deadline - now);
+                            if let Ok(Err(error)) = Box::pin(tokio::time::timeout_at(deadline, wait)).await {
+                                // No room to wait (or no way): the duplicate comes back later.
+                                tracing::debug!(%error, "a duplicate could not wait");
+                                return Ok(self.reject(RejectionKind::InFlight));
+                            }
                         }
                     },
                     Claim::Completed(record) if record.fingerprint() != fingerprint => {

@@ -7,21 +7,20 @@ mod common;
 use std::time::Duration;
 
 use common::{postgres::TestDatabase, *};
-use tower_idempotency::{
-    IdempotencyLayer, InFlightPolicy,
-    store::postgres::{PostgresStore, sqlx},
-};
+use tower_idempotency::{IdempotencyLayer, InFlightPolicy, store::postgres::sqlx};
 
 /// Claims made so far: each claim statement takes a fencing token, granted
 /// or not, and a sequence counts at once, outside transactions.
 async fn claims(database: &TestDatabase) -> i64 {
-    sqlx::query_scalar("SELECT last_value FROM idempotency_records_fencing").fetch_one(&database.pool).await.unwrap()
+    let row =
+        sqlx::raw_sql("SELECT last_value FROM idempotency_records_fencing").fetch_one(&database.pool).await.unwrap();
+    sqlx::Row::get(&row, 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_duplicates_listen_instead_of_polling() {
     let database = TestDatabase::create().await;
-    let store = PostgresStore::new(database.pool.clone());
+    let store = database.plain_store();
     store.migrate().await.unwrap();
     let layer = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
     let (app, gate, calls) = gated(&layer);
@@ -49,4 +48,38 @@ async fn waiting_duplicates_listen_instead_of_polling() {
     assert_eq!(calls.get(), 1);
     let claims = claims(&database).await - before;
     assert!(claims <= 8 * 4, "{claims} claims by 8 duplicates waiting 2 s: they poll");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_duplicates_poll_a_bounded_number_of_times_without_listening() {
+    let database = TestDatabase::create().await;
+    let store = database.plain_store().with_listen_url(None);
+    store.migrate().await.unwrap();
+    let layer = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    let (app, gate, calls) = gated(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, hold("k")).await }
+    });
+    gate.entered(1).await;
+    let before = claims(&database).await;
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, hold("k")).await })
+        })
+        .collect();
+    // The first request runs on for a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.open(1);
+    let first = first.await.unwrap();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert!(answer.replayed(), "a waiting duplicate: {}", answer.status);
+        assert_eq!(answer.body, first.body);
+    }
+    assert_eq!(calls.get(), 1);
+    // Every 100 ms for a second, and a little slack for the machine.
+    let claims = claims(&database).await - before;
+    assert!(claims <= 4 * 15, "{claims} claims by 4 duplicates polling for 1 s");
 }

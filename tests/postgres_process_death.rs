@@ -20,13 +20,13 @@ use common::{postgres::TestDatabase, *};
 use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer,
-    store::postgres::{PostgresStore, sqlx},
+    store::postgres::{TransactionalStore, sqlx},
 };
 
 /// The payment API on the database at `url`, its handler taking `latency`.
 async fn api_on(url: &str, latency: Duration) -> (Router, std::sync::Arc<payments::Payments>) {
     let pool = sqlx::PgPool::connect(url).await.unwrap();
-    PostgresStore::transactional(pool.clone()).migrate().await.unwrap();
+    TransactionalStore::new(pool.clone()).migrate().await.unwrap();
     let payments = payments::Payments::on_postgres(pool.clone(), latency).await.unwrap();
     // A lease far longer than any test: only a dead session frees a key early.
     let layer = IdempotencyLayer::postgres(pool).with_lease(Duration::from_secs(600)).unwrap();
@@ -163,9 +163,11 @@ async fn a_killed_instance_frees_its_key_at_once_and_the_retry_runs_once() {
     let mut doomed = Child::start(&database, Duration::from_secs(60));
     let port = doomed.port;
     let first = tokio::spawn(send_to(port, None));
-    let in_flight = "SELECT count(*) FROM idempotency_records WHERE owner IS NOT NULL";
+    // A claim holds its record's lock in its transaction, and writes no row.
+    let in_flight = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(in_flight).fetch_one(&database.pool).await.unwrap() == 0 {
+    while sqlx::Row::get::<i64, _>(&sqlx::raw_sql(in_flight).fetch_one(&database.pool).await.unwrap(), 0) == 0 {
         assert!(Instant::now() < deadline, "the first execution never claimed its key");
         tokio::task::yield_now().await;
     }

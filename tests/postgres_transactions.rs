@@ -13,8 +13,8 @@ use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, InFlightPolicy,
     store::{
-        Claim, ClaimRequest, Store, StoreError,
-        postgres::{PostgresStore, RequestTransaction, sqlx},
+        Claim, ClaimRequest, Store,
+        postgres::{RequestTransaction, TransactionalStore, sqlx},
     },
 };
 
@@ -25,9 +25,9 @@ const PATHS: &str = "/charge: 201 | /fail: 500 | /panic: panics | /hold: waits a
                      /broken: 201 whose body fails | /unavailable-grpc: gRPC UNAVAILABLE in trailers";
 
 /// A transactional layer on a fresh database with a `charges` table.
-async fn setup() -> (TestDatabase, IdempotencyLayer<PostgresStore>) {
+async fn setup() -> (TestDatabase, IdempotencyLayer<TransactionalStore>) {
     let database = TestDatabase::create().await;
-    let store = PostgresStore::transactional(database.pool.clone());
+    let store = TransactionalStore::new(database.pool.clone());
     store.migrate().await.unwrap();
     sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL, backend INT NOT NULL)")
         .execute(&database.pool)
@@ -36,9 +36,21 @@ async fn setup() -> (TestDatabase, IdempotencyLayer<PostgresStore>) {
     (database, IdempotencyLayer::new(store))
 }
 
+/// As `setup`, on a pool of its own where `waiting` duplicates may wait at
+/// once: each holds a connection while it does.
+async fn setup_for_waiters(waiting: u32) -> (TestDatabase, IdempotencyLayer<TransactionalStore>) {
+    let (database, _) = setup().await;
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().max_connections(waiting + 2).connect(&database.url()).await.unwrap();
+    let store = TransactionalStore::new(pool).with_max_waiting(waiting as usize);
+    (database, IdempotencyLayer::new(store))
+}
+
 /// The handler: inserts a charge in the request's transaction, then acts
 /// as `PATHS` says. The gate also learns the backend of a held request.
-fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio::sync::mpsc::UnboundedReceiver<i32>) {
+fn charging(
+    layer: &IdempotencyLayer<TransactionalStore>,
+) -> (App, Gate, Calls, tokio::sync::mpsc::UnboundedReceiver<i32>) {
     let gate = Gate::default();
     let (backends, held_backends) = tokio::sync::mpsc::unbounded_channel();
     let held = gate.clone();
@@ -50,6 +62,7 @@ fn charging(layer: &IdempotencyLayer<PostgresStore>) -> (App, Gate, Calls, tokio
             let backend: i32 = {
                 let mut connection = transaction.lock().await.unwrap();
                 sqlx::query_scalar("INSERT INTO charges (n, backend) VALUES ($1, pg_backend_pid()) RETURNING backend")
+                    .persistent(false)
                     .bind(n as i64)
                     .fetch_one(&mut *connection)
                     .await
@@ -116,16 +129,15 @@ fn request(path: &str, key: &str, body: &'static str) -> Request<http_body_util:
 
 /// Ends the session of `backend`, and returns once it is gone.
 async fn terminate(database: &TestDatabase, backend: i32) {
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
-        .bind(backend)
-        .fetch_one(&database.pool)
-        .await
-        .unwrap();
+    // A simple query: behind PgBouncer, one outside a transaction must be one exchange.
+    let terminate = format!("SELECT pg_terminate_backend({backend}, 10000)");
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(terminate)).fetch_one(&database.pool).await.unwrap();
+    let terminated: bool = sqlx::Row::get(&row, 0);
     assert!(terminated, "backend {backend} still runs");
 }
 
 async fn charges(database: &TestDatabase) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM charges").persistent(false).fetch_one(&database.pool).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +148,7 @@ async fn the_charge_and_the_record_commit_together_and_replay() {
     assert_eq!(first.status, 201);
     assert_eq!(first.body, "charge 1");
     let again = send(&app, request("/charge", "k1", "amount=100")).await;
-    assert!(again.replayed());
+    assert!(again.replayed(), "{} {:?}", again.status, again.body);
     assert_eq!((again.status, again.body), (first.status, first.body));
     assert_eq!(send(&app, request("/charge", "k1", "amount=999")).await.status, 422);
     assert_eq!(calls.get(), 1);
@@ -215,7 +227,7 @@ async fn duplicates_of_a_running_request_see_it_in_flight_with_its_fingerprint()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_duplicates_run_once() {
-    let (database, layer) = setup().await;
+    let (database, layer) = setup_for_waiters(64).await;
     let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
     let (app, _, calls, _) = charging(&layer);
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(64));
@@ -267,28 +279,32 @@ async fn a_terminated_session_keeps_nothing_and_frees_its_key_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_owners_commit_fails_and_its_writes_roll_back() {
     let database = TestDatabase::create().await;
-    let transactional = PostgresStore::transactional(database.pool.clone());
-    transactional.migrate().await.unwrap();
+    let store = TransactionalStore::new(database.pool.clone());
+    store.migrate().await.unwrap();
     sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL)").execute(&database.pool).await.unwrap();
     let id = tower_idempotency::RecordId::from_bytes([7; 32]);
     let fingerprint = tower_idempotency::Fingerprint::from_bytes([1; 32]);
-    let request = ClaimRequest::new(id, fingerprint, Duration::from_millis(300));
-    let Claim::Acquired(stale) = transactional.claim(request).await.unwrap() else { panic!("not acquired") };
+    let request = ClaimRequest::new(id, fingerprint, Duration::from_secs(600));
+    let Claim::Acquired(stale) = store.claim(request).await.unwrap() else { panic!("not acquired") };
     let mut extensions = http::Extensions::new();
-    transactional.attach(&stale, &mut extensions);
+    store.attach(&stale, &mut extensions);
     let transaction = extensions.get::<RequestTransaction>().unwrap().clone();
-    sqlx::query("INSERT INTO charges (n) VALUES (1)").execute(&mut *transaction.lock().await.unwrap()).await.unwrap();
-    // Its lease runs out unrenewed, and a store without transactions on the
-    // same table takes the key over.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let plain = PostgresStore::new(database.pool.clone());
-    let Claim::Acquired(fresh) = plain.claim(request).await.unwrap() else { panic!("not taken over") };
+    let backend: i32 = {
+        let mut connection = transaction.lock().await.unwrap();
+        sqlx::query("INSERT INTO charges (n) VALUES (1)").persistent(false).execute(&mut *connection).await.unwrap();
+        sqlx::query_scalar("SELECT pg_backend_pid()").persistent(false).fetch_one(&mut *connection).await.unwrap()
+    };
+    // Its session ends (an operator, idle_in_transaction_session_timeout):
+    // another request takes the key over at once.
+    terminate(&database, backend).await;
+    let Claim::Acquired(fresh) = store.claim(request).await.unwrap() else { panic!("not taken over") };
+    assert!(fresh.fencing_token() > stale.fencing_token());
     let record = tower_idempotency::Record::not_stored(fingerprint, tower_idempotency::NotStored::TooLarge);
-    let committed = transactional.complete(&id, stale.owner(), record.clone(), Duration::from_secs(60)).await;
-    assert!(matches!(committed, Err(StoreError::NotOwner)), "{committed:?}");
-    let charges: i64 = sqlx::query_scalar("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap();
-    assert_eq!(charges, 0, "the stale owner's write committed");
-    plain.complete(&id, fresh.owner(), record, Duration::from_secs(60)).await.unwrap();
+    let committed = store.complete(&id, stale.owner(), record.clone(), Duration::from_secs(60)).await;
+    assert!(committed.is_err(), "the stale owner committed: {committed:?}");
+    assert_eq!(charges(&database).await, 0, "the stale owner's write committed");
+    store.complete(&id, fresh.owner(), record, Duration::from_secs(60)).await.unwrap();
+    assert!(matches!(store.claim(request).await.unwrap(), Claim::Completed(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,9 +328,9 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
             let order: [i32; 2] = if request.uri().path() == "/a" { [1, 2] } else { [2, 1] };
             let mut connection = transaction.lock().await.unwrap();
             let update = "UPDATE accounts SET balance = balance + 1 WHERE id = $1";
-            sqlx::query(update).bind(order[0]).execute(&mut *connection).await.unwrap();
+            sqlx::query(update).persistent(false).bind(order[0]).execute(&mut *connection).await.unwrap();
             barrier.wait().await;
-            match sqlx::query(update).bind(order[1]).execute(&mut *connection).await {
+            match sqlx::query(update).persistent(false).bind(order[1]).execute(&mut *connection).await {
                 Ok(_) => respond(201, "moved"),
                 Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("40P01") => {
                     respond(503, "deadlock: retry")
@@ -340,8 +356,11 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
     });
     both_locked_one.wait().await;
     assert_eq!(retry.await.unwrap().status, 201);
-    let total: i64 =
-        sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts")
+        .persistent(false)
+        .fetch_one(&database.pool)
+        .await
+        .unwrap();
     assert_eq!(total, 4, "two requests, two updates each");
     assert_eq!(calls.get(), 3);
 }
@@ -349,7 +368,7 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_session_keeps_its_key_past_its_lease_and_a_dead_one_frees_it() {
     let database = TestDatabase::create().await;
-    let store = PostgresStore::transactional(database.pool.clone());
+    let store = TransactionalStore::new(database.pool.clone());
     store.migrate().await.unwrap();
     let id = tower_idempotency::RecordId::from_bytes([9; 32]);
     let fingerprint = tower_idempotency::Fingerprint::from_bytes([1; 32]);
@@ -361,8 +380,11 @@ async fn a_live_session_keeps_its_key_past_its_lease_and_a_dead_one_frees_it() {
     let mut extensions = http::Extensions::new();
     store.attach(&first, &mut extensions);
     let transaction = extensions.get::<RequestTransaction>().unwrap().clone();
-    let backend: i32 =
-        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *transaction.lock().await.unwrap()).await.unwrap();
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .persistent(false)
+        .fetch_one(&mut *transaction.lock().await.unwrap())
+        .await
+        .unwrap();
     terminate(&database, backend).await;
     assert!(matches!(store.claim(request).await.unwrap(), Claim::Acquired(_)), "a dead owner kept its key");
 }
@@ -411,43 +433,6 @@ async fn a_request_that_outlives_its_lease_ceiling_still_commits_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_dropped_mid_statement_does_not_lock_its_key_out() {
-    let database = TestDatabase::create().await;
-    let store = PostgresStore::transactional(database.pool.clone());
-    store.migrate().await.unwrap();
-    let id = tower_idempotency::RecordId::from_bytes([5; 32]);
-    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_secs(600));
-    // An uncommitted row of the same id holds the claim statement after it
-    // took the record's lock.
-    let mut blocker = database.pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO idempotency_records (id, owner, fencing_token, fingerprint, expires_at) \
-         VALUES ($1, '\\x00', 0, '\\x00', now())",
-    )
-    .bind(id.as_bytes().as_slice())
-    .execute(&mut *blocker)
-    .await
-    .unwrap();
-    let dropped = tokio::time::timeout(Duration::from_millis(300), store.claim(request)).await;
-    assert!(dropped.is_err(), "the claim was not held");
-    blocker.rollback().await.unwrap();
-    // Another instance, on connections of its own, claims the key: free
-    // within moments, not after the pool retires the dropped claim's connection.
-    let other = PostgresStore::transactional(sqlx::PgPool::connect(&database.url()).await.unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match other.claim(request).await.unwrap() {
-            Claim::Acquired(_) => break,
-            Claim::InFlight { .. } => {
-                assert!(tokio::time::Instant::now() < deadline, "the dropped claim locked its key out");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_fails_commits_its_writes_and_never_runs_again() {
     let (database, layer) = setup().await;
     let (app, _, calls, _) = charging(&layer);
@@ -471,4 +456,228 @@ async fn a_grpc_status_not_stored_in_trailers_rolls_back() {
     assert_eq!(charges(&database).await, 0, "the charge of an UNAVAILABLE answer committed");
     send(&app, request("/unavailable-grpc", "k1", "")).await;
     assert_eq!(calls.get(), 2);
+}
+
+/// A layer on a fresh database whose default transaction isolation is
+/// `isolation`.
+async fn setup_with_isolation(isolation: &str) -> (TestDatabase, IdempotencyLayer<TransactionalStore>) {
+    let database = TestDatabase::create_with(&[("default_transaction_isolation", isolation)]).await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(20).connect(&database.url()).await.unwrap();
+    let store = TransactionalStore::new(pool.clone()).with_max_waiting(16);
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL, backend INT NOT NULL)").execute(&pool).await.unwrap();
+    let shown = sqlx::raw_sql("SHOW transaction_isolation").fetch_one(&pool).await.unwrap();
+    let isolation_seen: String = sqlx::Row::get(&shown, 0);
+    assert_eq!(isolation_seen, isolation);
+    (database, IdempotencyLayer::new(store))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_released_the_instant_the_first_commits_run_once() {
+    let (database, layer) = setup_for_waiters(16).await;
+    let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
+    let (app, gate, calls, _) = charging(&layer);
+    for round in 0..5 {
+        let key: &'static str = Box::leak(format!("k{round}").into_boxed_str());
+        let first = tokio::spawn({
+            let app = app.clone();
+            async move { send(&app, request("/hold", key, "")).await }
+        });
+        gate.entered(1).await;
+        // Duplicates queue on the first request's lock, then all go the
+        // instant it commits.
+        let duplicates: Vec<_> = (0..16)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { send(&app, request("/hold", key, "")).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        gate.open(1);
+        let first = first.await.unwrap();
+        assert_eq!(first.status, 201);
+        for duplicate in duplicates {
+            let answer = duplicate.await.unwrap();
+            assert_eq!((answer.status, &answer.body), (first.status, &first.body), "round {round}");
+        }
+    }
+    assert_eq!(calls.get(), 5);
+    assert_eq!(charges(&database).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_slower_than_the_store_timeout_is_answered_with_its_response() {
+    let (database, layer) = setup().await;
+    // A deferred constraint trigger runs at COMMIT and takes 1.5 s there.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON charges DEFERRABLE INITIALLY DEFERRED \
+         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let layer = layer.with_store_timeout(Duration::from_millis(300)).unwrap();
+    let (app, _, calls, _) = charging(&layer);
+    let first = send(&app, request("/charge", "k1", "amount=100")).await;
+    assert_eq!((first.status, &first.body[..]), (http::StatusCode::CREATED, &b"charge 1"[..]), "{:?}", first.body);
+    assert_eq!(charges(&database).await, 1);
+    let again = send(&app, request("/charge", "k1", "amount=100")).await;
+    assert!(again.replayed(), "{} {:?}", again.status, again.body);
+    assert_eq!(calls.get(), 1);
+}
+
+async fn long_requests_and_waiters_run_once_under(isolation: &str) {
+    let (database, layer) = setup_with_isolation(isolation).await;
+    // Requests last longer than a third of the lease: renewals happen.
+    let lease = Duration::from_millis(300);
+    let layer = layer.with_lease(lease).unwrap().with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
+    let (app, gate, calls, _) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k1", "")).await }
+    });
+    gate.entered(1).await;
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, request("/hold", "k1", "")).await })
+        })
+        .collect();
+    // Time passing is the point: past the renewals.
+    tokio::time::sleep(lease).await;
+    gate.open(1);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201, "{isolation}: {:?}", first.body);
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert_eq!((answer.status, &answer.body), (first.status, &first.body), "{isolation}");
+    }
+    assert_eq!(calls.get(), 1, "{isolation}");
+    assert_eq!(charges(&database).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_repeatable_read_long_requests_and_waiters_run_once() {
+    long_requests_and_waiters_run_once_under("repeatable read").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_serializable_long_requests_and_waiters_run_once() {
+    long_requests_and_waiters_run_once_under("serializable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_repeatable_read_duplicates_released_at_once_run_once() {
+    let (database, layer) = setup_with_isolation("repeatable read").await;
+    let layer = layer.with_in_flight(InFlightPolicy::Wait(Duration::from_secs(20)));
+    let (app, _, calls, _) = charging(&layer);
+    for round in 0..10 {
+        let key: &'static str = Box::leak(format!("k{round}").into_boxed_str());
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(16));
+        let duplicates: Vec<_> = (0..16)
+            .map(|_| {
+                let (app, start) = (app.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    send(&app, request("/charge", key, "amount=100")).await
+                })
+            })
+            .collect();
+        for duplicate in duplicates {
+            assert_eq!(duplicate.await.unwrap().status, 201);
+        }
+    }
+    assert_eq!(calls.get(), 10);
+    assert_eq!(charges(&database).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_for_a_pool_connection_answers_503_and_is_cancelled_not_finished() {
+    let database = TestDatabase::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&database.url()).await.unwrap();
+    let store = TransactionalStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL, backend INT NOT NULL)").execute(&pool).await.unwrap();
+    let layer = IdempotencyLayer::new(store).with_store_timeout(Duration::from_millis(200)).unwrap();
+    let (app, gate, calls, _) = charging(&layer);
+    // The first request holds the pool's only connection.
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k0", "")).await }
+    });
+    gate.entered(1).await;
+    for n in 1..=5 {
+        let answer = send(&app, request("/charge", &format!("k{n}"), "")).await;
+        assert_eq!(answer.status, 503, "k{n}: {:?}", answer.body);
+        assert_eq!(answer.problem(), "store-unavailable");
+    }
+    gate.open(1);
+    assert_eq!(first.await.unwrap().status, 201);
+    // The pool serves waiters in turn: a claim still on its way would go first.
+    assert_eq!(send(&app, request("/charge", "k-last", "")).await.status, 201);
+    assert_eq!(calls.get(), 2);
+    let fencing: i64 = sqlx::query_scalar("SELECT last_value FROM idempotency_records_fencing")
+        .persistent(false)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(fencing, 2, "claims that timed out ran later for nobody");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_reports_a_live_claim_past_its_lease_in_flight() {
+    let database = TestDatabase::create().await;
+    let store = TransactionalStore::new(database.pool.clone());
+    store.migrate().await.unwrap();
+    let id = tower_idempotency::RecordId::from_bytes([3; 32]);
+    let request =
+        ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_millis(100));
+    let Claim::Acquired(lease) = store.claim(request).await.unwrap() else { panic!("not acquired") };
+    // Time passing is the point: past the lease, the owner alive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = store.lookup(&id).await.unwrap();
+    assert!(matches!(state, Some(tower_idempotency::store::RecordState::InFlight { .. })), "{state:?}");
+    store.release(&id, lease.owner()).await.unwrap();
+    assert!(store.lookup(&id).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_claims_leave_no_transaction_in_the_pool() {
+    let database = TestDatabase::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&database.url()).await.unwrap();
+    let store = TransactionalStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL)").execute(&pool).await.unwrap();
+    let id = tower_idempotency::RecordId::from_bytes([4; 32]);
+    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_secs(600));
+    // Claims dropped at every point of their way.
+    for micros in (0..3000).step_by(37) {
+        if let Ok(Ok(Claim::Acquired(lease))) =
+            tokio::time::timeout(Duration::from_micros(micros), store.claim(request)).await
+        {
+            store.release(&id, lease.owner()).await.unwrap();
+        }
+    }
+    // The pool's connections hold no transaction: a write through it commits
+    // at once, and the key is free within moments.
+    for n in 0..4 {
+        let insert = format!("INSERT INTO charges (n) VALUES ({n})");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(insert)).execute(&pool).await.unwrap();
+    }
+    let other = sqlx::PgPool::connect(&database.url()).await.unwrap();
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM charges").persistent(false).fetch_one(&other).await.unwrap();
+    assert_eq!(written, 4, "writes through the pool stayed uncommitted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TransactionalStore::new(other.clone()).claim(request).await.unwrap() {
+            Claim::Acquired(_) => break,
+            _ => {
+                assert!(tokio::time::Instant::now() < deadline, "a cancelled claim locked its key out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }

@@ -1028,7 +1028,7 @@ async fn a_claim_is_a_transaction_and_leaves_its_token_to_its_owner() {
     assert!(lease.fencing_token().get() > 0, "the owner has its token");
     match store.lookup(&id).await.unwrap() {
         Some(RecordState::InFlight { fingerprint: seen, fencing_token }) => {
-            assert_eq!((seen, fencing_token), (fingerprint, None));
+            assert_eq!((seen, fencing_token), (Some(fingerprint), None));
         }
         other => panic!("expected in flight, got {other:?}"),
     }

@@ -25,11 +25,10 @@ mod redis_cluster {
 #[cfg(feature = "postgres")]
 mod postgres {
     use crate::common::postgres::TestDatabase;
-    use tower_idempotency::store::postgres::PostgresStore;
 
     crate::conformance_tests!(async {
         let database = TestDatabase::create().await;
-        let store = PostgresStore::new(database.pool.clone());
+        let store = database.plain_store();
         store.migrate().await.unwrap();
         (store, database)
     });
@@ -38,11 +37,11 @@ mod postgres {
 #[cfg(feature = "postgres")]
 mod postgres_transactional {
     use crate::common::postgres::TestDatabase;
-    use tower_idempotency::store::postgres::PostgresStore;
+    use tower_idempotency::store::postgres::TransactionalStore;
 
-    crate::conformance_tests!(session_bound: async {
+    crate::conformance_tests!(transaction_bound: async {
         let database = TestDatabase::create().await;
-        let store = PostgresStore::transactional(database.pool.clone());
+        let store = TransactionalStore::new(database.pool.clone());
         store.migrate().await.unwrap();
         (store, database)
     });
@@ -86,8 +85,8 @@ mod redis_without_fencing_tokens {
         async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
             self.0.lookup(id).await
         }
-        async fn wait(&self, id: &RecordId, timeout: Duration) {
-            self.0.wait(id, timeout).await
+        async fn wait(&self, request: &ClaimRequest, timeout: Duration) -> Result<(), StoreError> {
+            self.0.wait(request, timeout).await
         }
     }
 

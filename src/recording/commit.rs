@@ -17,7 +17,7 @@ use crate::{
     body::Chunks,
     claim::HeldClaim,
     policy::{is_grpc, is_stored},
-    store::Store,
+    store::{Store, StoreError},
 };
 
 /// Records a response for a store that commits the inner service's writes
@@ -68,7 +68,7 @@ pub(super) async fn commit_then_answer<St, ResB, E>(
                         let _ = client.send(Message::Error(error));
                         Response::from_parts(parts, ResponseBody::streamed(taken, frames))
                     }
-                    Err(_) => not_committed(&claim, &parts),
+                    Err(error) => not_committed(&claim, &parts, &error),
                 };
                 let _ = answer.send(Ok(response));
                 return;
@@ -87,8 +87,8 @@ pub(super) async fn commit_then_answer<St, ResB, E>(
     } else {
         recorder.build_record(fingerprint, taken.make_contiguous())
     };
-    if claim.commit(record).await.is_err() {
-        let _ = answer.send(Ok(not_committed(&claim, &parts)));
+    if let Err(error) = claim.commit(record).await {
+        let _ = answer.send(Ok(not_committed(&claim, &parts, &error)));
         return;
     }
     if ended {
@@ -119,10 +119,19 @@ pub(super) async fn commit_then_answer<St, ResB, E>(
     }
 }
 
-/// The answer to a request whose commit failed, in its response's protocol.
-fn not_committed<St, B>(claim: &HeldClaim<St>, parts: &http::response::Parts) -> Response<ResponseBody<B>>
+/// The answer to a request whose commit failed, or whose outcome is
+/// unknown, in its response's protocol.
+fn not_committed<St, B>(
+    claim: &HeldClaim<St>,
+    parts: &http::response::Parts,
+    error: &StoreError,
+) -> Response<ResponseBody<B>>
 where
     St: Store,
 {
-    claim.config.reject(RejectionKind::NotCommitted, is_grpc(&parts.headers))
+    let kind = match error {
+        StoreError::OutcomeUnknown(_) => RejectionKind::CommitUnknown,
+        _ => RejectionKind::NotCommitted,
+    };
+    claim.config.reject(kind, is_grpc(&parts.headers))
 }

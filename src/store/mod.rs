@@ -337,6 +337,11 @@ pub enum Claim {
         /// The fingerprint of the request that holds it.
         fingerprint: Fingerprint,
     },
+    /// Another request holds the record, and its fingerprint is not the
+    /// claimant's: what a store answers that compares fingerprints without
+    /// keeping them where others can read them (the transactional
+    /// PostgreSQL store). The layer answers it as a key reused (422).
+    InFlightMismatch,
     /// The record is finished.
     Completed(Record),
 }
@@ -347,8 +352,10 @@ pub enum Claim {
 /// ```
 /// use tower_idempotency::{FencingToken, Fingerprint, store::RecordState};
 ///
-/// let state =
-///     RecordState::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), fencing_token: Some(FencingToken::new(1)) };
+/// let state = RecordState::InFlight {
+///     fingerprint: Some(Fingerprint::from_bytes([0; 32])),
+///     fencing_token: Some(FencingToken::new(1)),
+/// };
 /// assert!(matches!(state, RecordState::InFlight { .. }));
 /// ```
 #[derive(Debug, Clone)]
@@ -356,12 +363,15 @@ pub enum Claim {
 pub enum RecordState {
     /// A request holds the record.
     InFlight {
-        /// The fingerprint of the request that holds it.
-        fingerprint: Fingerprint,
+        /// The fingerprint of the request that holds it, where the store
+        /// keeps it with the claim. `None` from the transactional PostgreSQL
+        /// store: its claims commit nothing until they complete.
+        fingerprint: Option<Fingerprint>,
         /// The holder's fencing token, where the store keeps it with the
-        /// claim. `None` from the Redis store: its claims leave the token to
-        /// their owner alone (a `SET` in a transaction instead of a script,
-        /// BENCHMARKS.md "Redis hot path").
+        /// claim. `None` from the Redis store (its claims leave the token to
+        /// their owner alone: a `SET` in a transaction instead of a script,
+        /// BENCHMARKS.md "Redis hot path") and the transactional PostgreSQL
+        /// store.
         fencing_token: Option<FencingToken>,
     },
     /// The record is finished.
@@ -405,6 +415,16 @@ pub enum StoreError {
     /// The store held bytes that are not a record.
     #[error("the store holds a corrupt record: {0}")]
     Corrupt(#[from] crate::record::DecodeError),
+    /// A completion that commits the inner service's writes was sent, and
+    /// whether it committed could not be found out (the connection was lost
+    /// and the database did not answer since). A retry with the same key is
+    /// safe: it replays what committed, or runs again.
+    #[error("the commit's outcome is unknown: {0}")]
+    OutcomeUnknown(Box<dyn std::error::Error + Send + Sync>),
+    /// The store refuses another waiting duplicate: as many wait as it
+    /// allows. The duplicate is answered as in flight.
+    #[error("too many duplicates wait already")]
+    TooManyWaiting,
 }
 
 impl StoreError {
@@ -495,13 +515,28 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Returns when the record may have left the in-flight state, or after
-    /// `timeout`. The caller then claims again to learn what happened.
+    /// Returns when the record `request` claimed, which was in flight, may
+    /// have left that state, or after `timeout`. The caller then claims
+    /// again to learn what happened; on an error it answers the duplicate as
+    /// in flight ([`StoreError::TooManyWaiting`]: a store that holds a
+    /// connection per waiter bounds them).
     ///
     /// The default polls no more often than every 50 ms; stores that can
     /// signal completion should override it.
-    fn wait(&self, id: &RecordId, timeout: Duration) -> impl Future<Output = ()> + Send {
-        let _ = id;
-        tokio::time::sleep(timeout.min(Duration::from_millis(50)))
+    fn wait(&self, request: &ClaimRequest, timeout: Duration) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = request;
+        async move {
+            tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
+            Ok(())
+        }
+    }
+
+    /// Whether a claim's future may be dropped at any point without leaving
+    /// the key held: the layer then drops a claim its request no longer
+    /// waits for (the store timeout fired, the client went away) instead of
+    /// finishing it on a task of its own to give the key back. The default
+    /// is `false`.
+    fn dropped_claims_hold_nothing(&self) -> bool {
+        false
     }
 }

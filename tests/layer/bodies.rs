@@ -98,7 +98,8 @@ async fn a_client_that_stops_reading_cannot_hold_the_key_in_flight() {
     // The client reads the head, then nothing more, and stays connected.
     let unread = app.clone().oneshot(post(KEY, "a")).await.unwrap();
     let id = RecordId::new("", &test_scope(), &"order-1".parse().unwrap());
-    layer.store().wait(&id, Duration::from_secs(60)).await;
+    let claim = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([0; 32]), Duration::from_secs(30));
+    layer.store().wait(&claim, Duration::from_secs(60)).await.unwrap();
     let state = layer.lookup(&test_scope(), &"order-1".parse().unwrap()).await.unwrap();
     assert!(matches!(state, Some(RecordState::Completed(_))), "recorded although the client reads nothing: {state:?}");
     let replay = send(&app, post(KEY, "a")).await;

@@ -152,8 +152,8 @@ impl Store for Slowed {
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
         self.inner.lookup(id).await
     }
-    async fn wait(&self, id: &RecordId, timeout: Duration) {
-        self.inner.wait(id, timeout).await
+    async fn wait(&self, request: &ClaimRequest, timeout: Duration) -> Result<(), StoreError> {
+        self.inner.wait(request, timeout).await
     }
 }
 

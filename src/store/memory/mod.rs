@@ -156,12 +156,13 @@ impl Store for MemoryStore {
         self.inner.report_to(metrics);
     }
 
-    async fn wait(&self, id: &RecordId, timeout: Duration) {
-        let Some((notified, deadline)) = self.inner.wake_on_settle(id, timeout) else { return };
+    async fn wait(&self, request: &ClaimRequest, timeout: Duration) -> Result<(), StoreError> {
+        let Some((notified, deadline)) = self.inner.wake_on_settle(&request.id(), timeout) else { return Ok(()) };
         match deadline {
             Some(deadline) => drop(tokio::time::timeout_at(deadline, notified).await),
             None => drop(tokio::time::timeout(timeout, notified).await),
         }
+        Ok(())
     }
 }
 

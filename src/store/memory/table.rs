@@ -499,7 +499,7 @@ impl Inner {
         let entry = shard.entries.find(hash, |entry| entry.id == key).filter(|entry| entry.expires_at > now);
         entry.map(|entry| match &entry.state {
             State::InFlight(in_flight) => RecordState::InFlight {
-                fingerprint: in_flight.fingerprint,
+                fingerprint: Some(in_flight.fingerprint),
                 fencing_token: Some(in_flight.fencing_token),
             },
             State::Completed(record) => RecordState::Completed(hand_out(record)),

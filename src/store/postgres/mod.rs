@@ -1,86 +1,146 @@
-//! The PostgreSQL store, on a [`sqlx::PgPool`].
+//! The PostgreSQL stores, on a [`sqlx::PgPool`]: [`PostgresStore`], whose
+//! records are rows of their own, and [`TransactionalStore`] (what
+//! [`IdempotencyLayer::postgres`](crate::IdempotencyLayer::postgres)
+//! builds), whose records commit in the request's own transaction with the
+//! handler's writes.
 //!
-//! One table (default `idempotency_records`, [`PostgresStore::with_table`]),
-//! created by [`PostgresStore::migrate`] or by your own migrations from
-//! [`PostgresStore::schema`]:
+//! Both keep records in one table (default `idempotency_records`,
+//! `with_table`), created by `migrate()` or by your own migrations from
+//! `schema()`; a table serves one store or the other. The schema
+//! (`{table}` is the table's name):
 //!
-//! ```sql
-//! CREATE TABLE IF NOT EXISTS idempotency_records (
-//!     id BYTEA PRIMARY KEY,          -- the record id (32 bytes)
-//!     owner BYTEA,                   -- the owner token while in flight, NULL once completed
-//!     fencing_token BIGINT NOT NULL, -- from the sequence below
-//!     fingerprint BYTEA NOT NULL,
-//!     record BYTEA,                  -- the completed record's compact encoding
-//!     expires_at TIMESTAMPTZ NOT NULL, -- the lease's end, or the retention's
-//!     waiting BOOLEAN NOT NULL DEFAULT false -- a duplicate waits for a NOTIFY
-//! );
-//! CREATE SEQUENCE IF NOT EXISTS idempotency_records_fencing;
-//! CREATE INDEX IF NOT EXISTS idempotency_records_expires_at ON idempotency_records (expires_at);
-//! ```
+#![doc = concat!("```sql\n", include_str!("queries/schema.sql"), "```")]
+//!
+//! Times come from the database's clock (`now()`), never the
+//! application's; fencing tokens from the table's sequence. An expired
+//! record acts as absent at once, and a task the store starts with its
+//! first claim deletes expired records in batches of 1,000 every minute.
+//!
+//! # `PostgresStore`
 //!
 //! Each call is one statement (the queries are the `.sql` files beside
 //! this one): a claim inserts the record or takes over an expired one and
 //! answers what holds it otherwise, in one round trip; complete, release
-//! and renew act only on a live claim of their owner. Times come from the
-//! database's clock (`now()`), never the application's. Fencing tokens come
-//! from one sequence. An expired record acts as absent at once, and a task
-//! the store starts with its first claim deletes expired records in batches
-//! of 1,000 every minute. `Wait` duplicates mark the record as waited for
-//! and listen (`LISTEN`, one connection per store): its completion or
-//! release sends a `NOTIFY` only then, so neither waiting nor completing
-//! polls (each wait lasts a second at most, so a notification lost while
-//! the listening connection reconnects costs no more).
+//! and renew act only on a live claim of their owner. `Wait` duplicates
+//! mark the record as waited for and listen (`LISTEN`, one connection per
+//! store): its completion or release sends a `NOTIFY` only then, so neither
+//! waiting nor completing polls (each wait lasts a second at most, so a
+//! notification lost while the listening connection reconnects costs no
+//! more). Behind a transaction pooler, give the listening connection a
+//! direct URL or poll ([`PostgresStore::with_listen_url`]).
 //!
-//! # Transactional mode
+//! # `TransactionalStore`
 //!
-//! [`PostgresStore::transactional`] (what [`IdempotencyLayer::postgres`](crate::IdempotencyLayer::postgres)
-//! builds) closes the window every other store leaves open: the handler
-//! commits its business write, the process dies before the record is
-//! written, and the retry runs the handler again. Here the request gets a
-//! transaction ([`RequestTransaction`], an axum extractor and a request
-//! extension) and writes in it; when the inner service answers, the store
-//! writes the completed record in that same transaction, checks there that
-//! the claim is still its own, and commits, and only then does the client
-//! get the response. So:
+//! It closes the window every other store leaves open: the handler commits
+//! its business write, the process dies before the record is written, and
+//! the retry runs the handler again. Here everything a request does is one
+//! transaction, with transaction-scoped locks only, so any transaction
+//! pooler is safe (PgBouncer `pool_mode = transaction`, RDS Proxy,
+//! Supavisor):
+//!
+//! 1. The claim opens the request's transaction and, in the same round
+//!    trip, takes two advisory locks without waiting
+//!    (`pg_try_advisory_xact_lock`): first one keyed by the record and the
+//!    request's fingerprint, then the record's own. Whoever holds the
+//!    record's lock so holds its fingerprint's too: a duplicate that finds
+//!    the record's lock held but its own fingerprint's free knows the
+//!    holder sent another payload (`422`) without reading anything; one
+//!    that finds its fingerprint's lock held has the same payload (`409`,
+//!    or it waits).
+//! 2. Holding the record's lock, it reads the completed record in a
+//!    statement of its own, which starts after the lock is held (a
+//!    statement that won the lock as it ran could miss a record committed
+//!    just before), and takes a fencing token from the sequence. A
+//!    completed record is replayed and the transaction rolls back.
+//! 3. The handler writes in the transaction ([`RequestTransaction`], an
+//!    axum extractor and a request extension).
+//! 4. When the inner service answers, the record is written in the same
+//!    transaction, which commits; only then does the client get the
+//!    response. The `COMMIT` does not run under the store timeout (a slow
+//!    commit still lands); a commit lost from sight (the connection dropped
+//!    after it was sent, or 30 s passed) is found out before the answer:
+//!    the store waits for the record's lock on another connection and looks
+//!    for the record with this claim's fencing token. If that cannot be
+//!    found out either, the client gets `503`
+//!    [`CommitUnknown`](crate::RejectionKind::CommitUnknown), which says a
+//!    retry with the same key is safe, never that nothing was kept.
+//!
+//! So:
 //!
 //! - a response that is not stored (5xx, 408, 425, 429, or what the storage
 //!   rule refuses), an inner service's error or a panic rolls the
-//!   transaction back and gives the key back;
+//!   transaction back and frees the key. A stored `4xx` commits the
+//!   handler's writes with it (as Stripe keeps a 4xx result); have the
+//!   storage rule refuse it to roll it back;
 //! - the response body is kept up to the storage cap before the commit; a
 //!   body over the cap commits with a record that says so (`410` to
 //!   duplicates), and a body that fails commits as failed: the writes stand
 //!   and the key never runs again;
-//! - a commit that fails (a serialization failure, a deadlock, the database
-//!   gone) keeps nothing and answers
+//! - a commit that the database refuses (a serialization failure, a
+//!   deadlock, a deferred constraint) keeps nothing and answers
 //!   [`NotCommitted`](crate::RejectionKind::NotCommitted), `503` with
 //!   `Retry-After`: the retry runs again;
-//! - a stale owner's commit fails its owner check, and its writes roll back.
+//! - a process that dies, a terminated backend, a dropped connection: the
+//!   transaction and its locks go with it, and the retry runs at once,
+//!   whatever the lease. A process that dies after its commit left a record
+//!   that the retry replays.
 //!
-//! The claim's liveness follows the owner's database session, not only its
-//! lease. The claim statement takes a session-level advisory lock on the
-//! record (one 64-bit key from the record id and the table's name) in the
-//! same statement that writes the in-flight record, and the request's
-//! `BEGIN` turns it into a transaction-level lock of the same key, held
-//! until the commit or rollback. A process that dies before its commit
-//! loses its session, so PostgreSQL rolls its writes back and frees the
-//! lock; the next claim of the key finds the record in flight with its lock
-//! free and takes it over at once, without waiting for the lease. A process
-//! that dies after the commit left a completed record: the retry gets the
-//! replay. Duplicates that find the lock held see the record in flight with
-//! its fingerprint (`422` still beats `409`), for as long as the owner's
-//! session lives, even past its lease: a live owner never loses its key to
-//! a retry, nor its commit to its lease (the background purge leaves such a
-//! claim alone for a day past its lease). Bound a stuck handler with
-//! PostgreSQL's `statement_timeout` or `idle_in_transaction_session_timeout`.
-//! Advisory locks share one key space per database: an application's own
-//! advisory locks are unlikely to meet these keys, but may.
+//! No row exists while a request runs: each request writes its record once,
+//! with no in-flight insert and update (half the WAL, no dead tuple). So
+//! [`Store::lookup`] of a key in flight in another process reports it in
+//! flight (from `pg_locks`) without fingerprint or fencing token. The claim
+//! lives as long as its transaction: renewals send nothing, and a live
+//! owner never loses its key to its lease.
 //!
-//! A first execution costs these round trips besides the handler's own: the
-//! claim (one statement), `BEGIN` (with the lock's hand-over), the record's
-//! update and the `COMMIT`. The transaction holds one pool connection for
-//! as long as the handler runs: size the pool for the requests in flight.
-//! Transactions run at the database's default isolation (`READ
-//! COMMITTED`).
+//! `Wait` duplicates wait on the lock itself (a shared lock on their
+//! fingerprint's key, with `lock_timeout` as the wait), then claim again:
+//! no polling and no `LISTEN`. Each waiter holds a pool connection while it
+//! waits, so at most half the pool's connections wait at once
+//! ([`TransactionalStore::with_max_waiting`]); past that a duplicate gets
+//! `409`. Each request in flight holds one connection for as long as its
+//! handler runs: size the pool for both. A request that cannot get a
+//! connection within the store timeout gets `503`, and its claim is
+//! dropped, not finished later.
+//!
+//! Under `REPEATABLE READ` or `SERIALIZABLE` (a database's
+//! `default_transaction_isolation`), a transaction's snapshot is taken by
+//! its first statement, before the claim holds its lock, so the claim also
+//! writes the record's row (uncommitted, its own) to find a record
+//! committed in between: that write fails with a serialization failure,
+//! and the claim starts over in a new transaction. One more round trip,
+//! under those isolations only.
+//!
+//! A first execution costs these round trips besides the handler's own:
+//! `BEGIN` with the locks, the read, the record and the `COMMIT` (the last
+//! two cannot go in one: sqlx's transactions send their own `COMMIT`, and a
+//! simple query would carry the body as a literal). A replay costs two, its
+//! rollback riding on the connection's return to the pool.
+//!
+//! Bound a stuck handler with PostgreSQL's `statement_timeout`, and if you
+//! use `idle_in_transaction_session_timeout`, know the trade: when the
+//! server ends a session whose handler waits on an external call (a payment
+//! provider), the transaction and its lock go, a retry takes the key over at
+//! once, and the external call runs twice; the first request's commit
+//! fails. Pass the fencing token or a key derived from the idempotency key
+//! ([`IdempotencyContext`](crate::IdempotencyContext)) to the external
+//! system: that is the defence. Advisory locks share one key space per
+//! database: an application's own advisory locks are unlikely to meet these
+//! keys, but may.
+//!
+//! # Behind PgBouncer
+//!
+//! Both stores work behind PgBouncer in `pool_mode = transaction` (tested
+//! with 1.18). Before 1.21, PgBouncer keeps no prepared statement across
+//! transactions: connect with sqlx's statement cache off
+//! (`postgres://…?statement-cache-capacity=0`). The stores then prepare
+//! their statements unnamed, and run each statement outside a request's
+//! transaction in a transaction of its own (sqlx prepares and runs a
+//! statement in two exchanges, between which the pooler may switch server
+//! connections). Your own queries need the same care there: `.persistent(false)`,
+//! and inside a transaction. From 1.21 on, `max_prepared_statements` lets
+//! the statement cache stay on. `PostgresStore`'s `LISTEN` needs a session
+//! of its own: give it a direct URL, or let it poll
+//! ([`PostgresStore::with_listen_url`]).
 
 use std::{
     fmt,
@@ -91,28 +151,165 @@ use std::{
 use bytes::Bytes;
 use sqlx::{PgPool, Row, postgres::PgRow};
 
+mod queries;
 mod transaction;
+mod transactional;
 mod waiters;
 
-pub use self::transaction::{RequestTransaction, TransactionEnded, TransactionGuard};
 use self::{
-    transaction::OpenTransactions,
+    queries::{PgQuery, Queries},
     waiters::{LONGEST_WAIT, Waiters},
+};
+pub use self::{
+    transaction::{RequestTransaction, TransactionEnded, TransactionGuard},
+    transactional::TransactionalStore,
 };
 use super::{Claim, ClaimRequest, Lease, OwnerToken, OwnerTokens, RecordState, Store, StoreError};
 use crate::{ConfigError, FencingToken, Fingerprint, Record, RecordId};
 
 pub use sqlx;
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
 /// Expired records deleted per statement by the background purge.
 const PURGE_BATCH: i64 = 1_000;
 /// How often the background purge runs.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// The table both stores use unless told otherwise.
+const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// What both PostgreSQL stores keep: the pool, the table and its queries,
+/// the owner tokens, and the background purge.
+struct Shared {
+    pool: PgPool,
+    table: String,
+    queries: Queries,
+    /// Mixed into every advisory lock key, so that two tables' records
+    /// never share one.
+    lock_salt: [u8; 16],
+    owners: OwnerTokens,
+    purging: std::sync::Once,
+}
+
+impl Shared {
+    fn new(pool: PgPool, table: &str) -> Arc<Self> {
+        let salt = <sha2::Sha256 as sha2::Digest>::digest(table.as_bytes());
+        Arc::new(Self {
+            queries: Queries::for_table(table, !statement_cache_off(&pool)),
+            lock_salt: std::array::from_fn(|i| salt[i]),
+            pool,
+            table: table.to_owned(),
+            owners: OwnerTokens::new(),
+            purging: std::sync::Once::new(),
+        })
+    }
+
+    /// `table`, checked: a plain SQL identifier.
+    fn checked(table: &str) -> Result<&str, ConfigError> {
+        let plain = table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if table.is_empty() || table.len() > 50 || !plain || table.as_bytes()[0].is_ascii_digit() {
+            return Err(ConfigError::InvalidName("table"));
+        }
+        Ok(table)
+    }
+
+    /// The advisory lock key of a record: a request's transaction holds it
+    /// while the record is the request's.
+    fn record_lock(&self, id: &RecordId) -> i64 {
+        let bytes = id.as_bytes();
+        i64::from_be_bytes(std::array::from_fn(|i| bytes[i] ^ self.lock_salt[i]))
+    }
+
+    /// The advisory lock key of a record and a fingerprint: the record's
+    /// holder holds it for its own fingerprint.
+    fn fingerprint_lock(&self, id: &RecordId, fingerprint: &Fingerprint) -> i64 {
+        let (id, fingerprint) = (id.as_bytes(), fingerprint.as_bytes());
+        i64::from_be_bytes(std::array::from_fn(|i| id[8 + i] ^ fingerprint[i] ^ self.lock_salt[8 + i]))
+    }
+
+    /// Runs a statement outside the request's transactions. With the
+    /// statement cache off (behind a transaction pooler), in a transaction
+    /// of its own: sqlx prepares and runs a statement in two exchanges, and
+    /// between them, outside a transaction, the pooler may hand the session
+    /// to another client.
+    async fn fetch_optional(&self, query: PgQuery<'_>) -> Result<Option<PgRow>, StoreError> {
+        if self.queries.persistent {
+            return query.fetch_optional(&self.pool).await.map_err(StoreError::unavailable);
+        }
+        let mut transaction = self.pool.begin().await.map_err(StoreError::unavailable)?;
+        let row = query.fetch_optional(&mut *transaction).await.map_err(StoreError::unavailable)?;
+        transaction.commit().await.map_err(StoreError::unavailable)?;
+        Ok(row)
+    }
+
+    /// As [`Shared::fetch_optional`], for a statement that answers one row.
+    async fn fetch_one(&self, query: PgQuery<'_>) -> Result<PgRow, StoreError> {
+        self.fetch_optional(query).await?.ok_or_else(|| StoreError::unavailable("a statement answered no row"))
+    }
+
+    /// As [`Shared::fetch_optional`], for a statement that answers how many
+    /// rows it changed.
+    async fn execute(&self, query: PgQuery<'_>) -> Result<u64, StoreError> {
+        if self.queries.persistent {
+            let done = query.execute(&self.pool).await.map_err(StoreError::unavailable)?;
+            return Ok(done.rows_affected());
+        }
+        let mut transaction = self.pool.begin().await.map_err(StoreError::unavailable)?;
+        let done = query.execute(&mut *transaction).await.map_err(StoreError::unavailable)?;
+        transaction.commit().await.map_err(StoreError::unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(self.queries.schema.clone()))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::unavailable)?;
+        Ok(())
+    }
+
+    async fn purge(&self, limit: i64) -> Result<u64, StoreError> {
+        self.execute(self.queries.purge(limit)).await
+    }
+
+    /// Starts the background purge, once, on the runtime of the first claim.
+    fn start_purging(self: &Arc<Self>) {
+        self.purging.call_once(|| {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+            runtime.spawn(purge_forever(Arc::downgrade(self)));
+        });
+    }
+}
+
+/// Whether `pool` connects with sqlx's statement cache off
+/// (`?statement-cache-capacity=0`, as behind PgBouncer before 1.21).
+fn statement_cache_off(pool: &PgPool) -> bool {
+    use sqlx::ConnectOptions as _;
+    let url = pool.connect_options().to_url_lossy();
+    url.query_pairs().any(|(name, value)| name == "statement-cache-capacity" && value == "0")
+}
+
+/// Deletes expired records in batches every [`PURGE_EVERY`], for as long as
+/// the store lives.
+async fn purge_forever(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(PURGE_EVERY).await;
+        let Some(shared) = shared.upgrade() else { return };
+        loop {
+            match shared.purge(PURGE_BATCH).await {
+                Ok(deleted) if deleted == PURGE_BATCH as u64 => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "purging expired idempotency records failed");
+                    break;
+                }
+            }
+        }
+    }
+}
 
 /// A store on PostgreSQL: every instance of the application that shares the
-/// database shares the records.
+/// database shares the records. Its records are rows of their own, written
+/// outside the handler's transactions; [`TransactionalStore`] commits them
+/// with the handler's writes.
 ///
 /// # Example
 /// ```no_run
@@ -132,58 +329,13 @@ pub struct PostgresStore {
 }
 
 struct Inner {
-    pool: PgPool,
-    table: String,
-    queries: Queries,
-    /// Transactional mode: the executing claims' transactions.
-    transactions: Option<OpenTransactions>,
-    /// Mixed into every advisory lock key, so that two tables' records
-    /// never share one.
-    lock_salt: i64,
-    owners: OwnerTokens,
-    purging: std::sync::Once,
+    shared: Arc<Shared>,
     waiters: Arc<Waiters>,
-}
-
-/// The queries, with the table's name in them.
-struct Queries {
-    schema: String,
-    claim: String,
-    claim_session: String,
-    complete: String,
-    release: String,
-    renew: String,
-    lookup: String,
-    purge: String,
-    wait: String,
-    /// The `NOTIFY` channel of completions and releases.
-    channel: String,
-}
-
-impl Queries {
-    fn for_table(table: &str) -> Self {
-        let named = |sql: &str| sql.replace("{table}", table);
-        Self {
-            schema: named(include_str!("queries/schema.sql")),
-            claim: named(include_str!("queries/claim.sql")),
-            claim_session: named(include_str!("queries/claim_session.sql")),
-            complete: named(include_str!("queries/complete.sql")),
-            release: named(include_str!("queries/release.sql")),
-            renew: named(include_str!("queries/renew.sql")),
-            lookup: named(include_str!("queries/lookup.sql")),
-            purge: named(include_str!("queries/purge.sql")),
-            wait: named(include_str!("queries/wait.sql")),
-            channel: format!("{table}_settled"),
-        }
-    }
 }
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("table", &self.inner.table)
-            .field("transactional", &self.inner.transactions.is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("PostgresStore").field("table", &self.inner.shared.table).finish_non_exhaustive()
     }
 }
 
@@ -201,42 +353,11 @@ impl PostgresStore {
     /// # });
     /// ```
     pub fn new(pool: PgPool) -> Self {
-        Self::in_table(pool, "idempotency_records".to_owned(), false)
+        Self::on(Shared::new(pool, DEFAULT_TABLE), Waiters::direct())
     }
 
-    /// A store on `pool` in transactional mode (see the module docs): each
-    /// guarded request gets a [`RequestTransaction`], and its record commits
-    /// in it. [`IdempotencyLayer::postgres`](crate::IdempotencyLayer::postgres) builds one.
-    ///
-    /// # Example
-    /// ```
-    /// use tower_idempotency::{IdempotencyLayer, store::postgres::{PostgresStore, sqlx::PgPool}};
-    ///
-    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1/app").unwrap();
-    /// let layer = IdempotencyLayer::new(PostgresStore::transactional(pool));
-    /// # drop(layer);
-    /// # });
-    /// ```
-    pub fn transactional(pool: PgPool) -> Self {
-        Self::in_table(pool, "idempotency_records".to_owned(), true)
-    }
-
-    fn in_table(pool: PgPool, table: String, transactional: bool) -> Self {
-        let salt = <sha2::Sha256 as sha2::Digest>::digest(table.as_bytes());
-        let lock_salt = i64::from_be_bytes(std::array::from_fn(|i| salt[i]));
-        Self {
-            inner: Arc::new(Inner {
-                queries: Queries::for_table(&table),
-                transactions: transactional.then(OpenTransactions::default),
-                lock_salt,
-                pool,
-                table,
-                owners: OwnerTokens::new(),
-                purging: std::sync::Once::new(),
-                waiters: Arc::default(),
-            }),
-        }
+    fn on(shared: Arc<Shared>, waiters: Waiters) -> Self {
+        Self { inner: Arc::new(Inner { shared, waiters: Arc::new(waiters) }) }
     }
 
     /// Keeps the records in `table`: a plain SQL identifier (letters,
@@ -253,12 +374,35 @@ impl PostgresStore {
     /// # });
     /// ```
     pub fn with_table(self, table: &str) -> Result<Self, ConfigError> {
-        let plain = table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if table.is_empty() || table.len() > 50 || !plain || table.as_bytes()[0].is_ascii_digit() {
-            return Err(ConfigError::InvalidName("table"));
-        }
-        let transactional = self.inner.transactions.is_some();
-        Ok(Self::in_table(self.inner.pool.clone(), table.to_owned(), transactional))
+        let shared = Shared::new(self.inner.shared.pool.clone(), Shared::checked(table)?);
+        Ok(Self::on(shared, self.inner.waiters.same_source()))
+    }
+
+    /// How waiting duplicates ([`InFlightPolicy::Wait`](crate::InFlightPolicy::Wait))
+    /// learn that a record settled. By default the store listens on a
+    /// connection of its pool (`LISTEN`). Behind a transaction pooler
+    /// (PgBouncer `pool_mode = transaction`) a `LISTEN` does not stay on
+    /// one server connection: give it a URL straight to the database with
+    /// `Some(url)`, or `None` to poll instead (a duplicate reads the record
+    /// every 100 ms, for as long as it waits).
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::store::postgres::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let pool = PgPool::connect_lazy("postgres://postgres@127.0.0.1:6432/app?statement-cache-capacity=0").unwrap();
+    /// let store = PostgresStore::new(pool).with_listen_url(Some("postgres://postgres@127.0.0.1:5432/app"));
+    /// # drop(store);
+    /// # });
+    /// ```
+    #[must_use]
+    pub fn with_listen_url(self, url: Option<&str>) -> Self {
+        let waiters = match url {
+            Some(url) => Waiters::at(url),
+            None => Waiters::polling(),
+        };
+        Self::on(self.inner.shared.clone(), waiters)
     }
 
     /// The SQL that creates the store's table, sequence and index, for
@@ -274,7 +418,7 @@ impl PostgresStore {
     /// # });
     /// ```
     pub fn schema(&self) -> &str {
-        &self.inner.queries.schema
+        &self.inner.shared.queries.schema
     }
 
     /// Creates the table, sequence and index if they are missing: safe to
@@ -290,11 +434,7 @@ impl PostgresStore {
     /// # });
     /// ```
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(self.inner.queries.schema.clone()))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(())
+        self.inner.shared.migrate().await
     }
 
     /// Deletes up to `limit` expired records; returns how many. The store
@@ -311,7 +451,7 @@ impl PostgresStore {
     /// # });
     /// ```
     pub async fn purge_expired(&self, limit: u32) -> Result<u64, StoreError> {
-        self.inner.purge(i64::from(limit)).await
+        self.inner.shared.purge(i64::from(limit)).await
     }
 
     /// The pool the store runs on.
@@ -326,68 +466,20 @@ impl PostgresStore {
     /// # });
     /// ```
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
-    fn next_owner(&self) -> OwnerToken {
-        self.inner.owners.next()
-    }
-
-    /// Starts the background purge, once, on the runtime of the first claim.
-    fn start_purging(&self) {
-        self.inner.purging.call_once(|| {
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-            let inner = Arc::downgrade(&self.inner);
-            runtime.spawn(purge_forever(inner));
-        });
+        &self.inner.shared.pool
     }
 
     /// Runs an owner-checked update of a claim: done, or not the owner.
     async fn owned(&self, query: PgQuery<'_>) -> Result<(), StoreError> {
-        let done = query.execute(&self.inner.pool).await.map_err(StoreError::unavailable)?;
-        if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
+        if self.inner.shared.execute(query).await? == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
     }
 
     /// Runs a completion or release, whose one row says whether it was done.
     async fn settled(&self, query: PgQuery<'_>) -> Result<(), StoreError> {
-        let row = query.fetch_one(&self.inner.pool).await.map_err(StoreError::unavailable)?;
+        let row = self.inner.shared.fetch_one(query).await?;
         let done: i64 = row.try_get("done").map_err(StoreError::unavailable)?;
         if done == 1 { Ok(()) } else { Err(StoreError::NotOwner) }
     }
-}
-
-impl Inner {
-    async fn purge(&self, limit: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(sqlx::AssertSqlSafe(self.queries.purge.as_str()))
-            .bind(limit)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::unavailable)?;
-        Ok(done.rows_affected())
-    }
-}
-
-/// Deletes expired records in batches every [`PURGE_EVERY`], for as long as
-/// the store lives.
-async fn purge_forever(inner: Weak<Inner>) {
-    loop {
-        tokio::time::sleep(PURGE_EVERY).await;
-        let Some(inner) = inner.upgrade() else { return };
-        loop {
-            match inner.purge(PURGE_BATCH).await {
-                Ok(deleted) if deleted == PURGE_BATCH as u64 => continue,
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "purging expired idempotency records failed");
-                    break;
-                }
-            }
-        }
-    }
-}
-
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
@@ -416,24 +508,22 @@ fn fingerprint_column(row: &PgRow) -> Result<Fingerprint, StoreError> {
 
 impl Store for PostgresStore {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
-        self.start_purging();
-        if let Some(transactions) = &self.inner.transactions {
-            return self.claim_in_session(request, transactions).await;
-        }
-        let owner = self.next_owner();
+        let shared = &self.inner.shared;
+        shared.start_purging();
+        let owner = shared.owners.next();
+        let owner_bytes = owner.as_u128().to_be_bytes();
         let id = request.id();
         // A claim that raced a concurrent first claim of the same record
         // finds nothing and goes again; a few tries always settle it.
         for _ in 0..3 {
-            let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.claim.as_str()))
-                .bind(id.as_bytes().as_slice())
-                .bind(owner.as_u128().to_be_bytes().as_slice())
-                .bind(request.fingerprint().as_bytes().as_slice())
-                .bind(millis(request.lease()))
-                .bind(request.replace_completed())
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(StoreError::unavailable)?;
+            let claim = shared.queries.claim(
+                &id,
+                &owner_bytes,
+                &request.fingerprint(),
+                request.lease(),
+                request.replace_completed(),
+            );
+            let row = shared.fetch_optional(claim).await?;
             let Some(row) = row else { continue };
             let state: String = row.try_get("state").map_err(StoreError::unavailable)?;
             return match state.as_str() {
@@ -453,86 +543,57 @@ impl Store for PostgresStore {
         retention: Duration,
     ) -> Result<(), StoreError> {
         let encoded = record.encode();
-        if let Some(transactions) = &self.inner.transactions
-            && let Some(transaction) = transactions.take(owner).await
-        {
-            return self.commit(transaction, id, owner, &encoded, retention).await;
-        }
-        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.complete.as_str()))
-            .bind(id.as_bytes().as_slice())
-            .bind(owner.as_u128().to_be_bytes().as_slice())
-            .bind(encoded.as_ref())
-            .bind(millis(retention));
-        self.settled(query).await
+        let owner = owner.as_u128().to_be_bytes();
+        self.settled(self.inner.shared.queries.complete(id, &owner, &encoded, retention)).await
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        if let Some(transaction) = self.inner.transactions.as_ref().and_then(|open| open.try_take(owner)) {
-            // Ends the transaction and frees the lock; a failure here ended it too.
-            let _ = transaction.rollback().await;
-        }
-        self.release_row(id, owner).await
-    }
-
-    fn attach(&self, lease: &Lease, extensions: &mut http::Extensions) {
-        if let Some(transaction) = self.inner.transactions.as_ref().and_then(|open| open.get(lease.owner())) {
-            extensions.insert(transaction);
-        }
-    }
-
-    fn commits_handler_writes(&self) -> bool {
-        self.inner.transactions.is_some()
+        let owner = owner.as_u128().to_be_bytes();
+        self.settled(self.inner.shared.queries.release(id, &owner)).await
     }
 
     async fn renew(&self, id: &RecordId, owner: OwnerToken, lease: Duration) -> Result<(), StoreError> {
-        let query = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.renew.as_str()))
-            .bind(id.as_bytes().as_slice())
-            .bind(owner.as_u128().to_be_bytes().as_slice())
-            .bind(millis(lease));
-        self.owned(query).await
+        let owner = owner.as_u128().to_be_bytes();
+        self.owned(self.inner.shared.queries.renew(id, &owner, lease)).await
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Option<RecordState>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(self.inner.queries.lookup.as_str()))
-            .bind(id.as_bytes().as_slice())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(StoreError::unavailable)?;
-        let Some(row) = row else { return Ok(None) };
+        let shared = &self.inner.shared;
+        let Some(row) = shared.fetch_optional(shared.queries.lookup(id)).await? else { return Ok(None) };
         let completed: bool = row.try_get("completed").map_err(StoreError::unavailable)?;
         if completed {
             return Ok(Some(RecordState::Completed(record_of(&row)?)));
         }
         Ok(Some(RecordState::InFlight {
-            fingerprint: fingerprint_column(&row)?,
+            fingerprint: Some(fingerprint_column(&row)?),
             fencing_token: Some(fencing_token(&row)?),
         }))
     }
 
-    async fn wait(&self, id: &RecordId, timeout: Duration) {
+    async fn wait(&self, request: &ClaimRequest, timeout: Duration) -> Result<(), StoreError> {
         let timeout = timeout.min(LONGEST_WAIT);
-        let inner = &self.inner;
-        if inner.waiters.listen(&inner.pool, &inner.queries.channel).await.is_err() {
-            // No listening connection: the caller claims again after a pause.
-            tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
-            return;
+        let (shared, waiters) = (&self.inner.shared, &self.inner.waiters);
+        let id = request.id();
+        if waiters.listen(&shared.pool, &shared.queries.channel).await.is_err() {
+            // No listening connection (or none wanted): the caller claims
+            // again after a pause.
+            tokio::time::sleep(timeout.min(waiters.poll_every())).await;
+            return Ok(());
         }
         // Registered before the record is marked: a completion that follows
         // cannot be missed.
-        let signal = inner.waiters.signal(id);
+        let signal = waiters.signal(&id);
         {
             let mut woken = std::pin::pin!(signal.notified());
             woken.as_mut().enable();
-            let marked = sqlx::query(sqlx::AssertSqlSafe(inner.queries.wait.as_str()))
-                .bind(id.as_bytes().as_slice())
-                .execute(&inner.pool)
-                .await;
+            let marked = shared.execute(shared.queries.wait(&id)).await;
             // Not in flight any more (or the store failed): the caller
             // claims again.
-            if matches!(marked, Ok(done) if done.rows_affected() == 1) {
+            if matches!(marked, Ok(1)) {
                 let _ = tokio::time::timeout(timeout, woken).await;
             }
         }
-        inner.waiters.done(id, signal);
+        waiters.done(&id, signal);
+        Ok(())
     }
 }

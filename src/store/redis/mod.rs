@@ -481,13 +481,14 @@ impl<P: RedisPool> Store for RedisStore<P> {
         };
         if value.first() == Some(&IN_FLIGHT) {
             let (fingerprint, fencing_token) = parse_in_flight(&value)?;
-            return Ok(Some(RecordState::InFlight { fingerprint, fencing_token }));
+            return Ok(Some(RecordState::InFlight { fingerprint: Some(fingerprint), fencing_token }));
         }
         Ok(Some(RecordState::Completed(Record::decode(Bytes::from(value))?)))
     }
 
-    async fn wait(&self, id: &RecordId, timeout: Duration) {
-        self.inner.waiters.wait(self, id, timeout).await;
+    async fn wait(&self, request: &ClaimRequest, timeout: Duration) -> Result<(), StoreError> {
+        self.inner.waiters.wait(self, &request.id(), timeout).await;
+        Ok(())
     }
 }
 
@@ -520,7 +521,7 @@ mod tests {
             std::mem::size_of_val(&store.release(&id, owner)),
             std::mem::size_of_val(&store.renew(&id, owner, second)),
             std::mem::size_of_val(&store.lookup(&id)),
-            std::mem::size_of_val(&store.wait(&id, second)),
+            std::mem::size_of_val(&store.wait(&ClaimRequest::new(id, fingerprint, second), second)),
             std::mem::size_of_val(&store.connection.send(
                 &store.pool,
                 Request::Command(redis::cmd("GET")),

@@ -4,12 +4,12 @@
 -- concurrent claim committed after this statement's snapshot; claim again.
 -- $1 id, $2 owner, $3 fingerprint, $4 lease in ms, $5 replace completed.
 WITH claimed AS (
-    INSERT INTO {table} AS t (id, owner, fencing_token, fingerprint, record, expires_at, session_bound)
-    VALUES ($1, $2, nextval('{table}_fencing'), $3, NULL, now() + $4::float8 * interval '1 millisecond', false)
+    INSERT INTO {table} AS t (id, owner, fencing_token, fingerprint, record, expires_at)
+    VALUES ($1, $2, nextval('{table}_fencing'), $3, NULL, now() + $4::float8 * interval '1 millisecond')
     ON CONFLICT (id) DO UPDATE
         SET owner = EXCLUDED.owner, fencing_token = EXCLUDED.fencing_token,
             fingerprint = EXCLUDED.fingerprint, record = NULL, expires_at = EXCLUDED.expires_at,
-            waiting = false, session_bound = false
+            waiting = false
         WHERE t.expires_at <= now() OR ($5 AND t.owner IS NULL)
     RETURNING fencing_token
 )

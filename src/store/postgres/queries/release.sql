@@ -1,7 +1,7 @@
 -- Gives up a live claim of owner $2; wakes the duplicates waiting for it.
 -- `done` is 1, or 0 for another owner.
 WITH done AS (
-    DELETE FROM {table} WHERE id = $1 AND owner = $2 AND (expires_at > now() OR session_bound)
+    DELETE FROM {table} WHERE id = $1 AND owner = $2 AND expires_at > now()
     RETURNING id, waiting
 )
 SELECT (SELECT count(*) FROM done) AS done,

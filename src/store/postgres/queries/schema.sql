@@ -1,7 +1,7 @@
--- One table of records (in flight: an owner; completed: a record; waiting:
--- a duplicate waits to be notified; session_bound: its owner's session
--- holds its advisory lock), a sequence of fencing tokens, and an index for
--- purging expired records.
+-- One table of records (in flight, of the plain store: an owner;
+-- completed: a record; waiting: a duplicate of the plain store waits to be
+-- notified), a sequence of fencing tokens, and an index for purging
+-- expired records.
 CREATE TABLE IF NOT EXISTS {table} (
     id BYTEA PRIMARY KEY,
     owner BYTEA,
@@ -9,8 +9,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     fingerprint BYTEA NOT NULL,
     record BYTEA,
     expires_at TIMESTAMPTZ NOT NULL,
-    waiting BOOLEAN NOT NULL DEFAULT false,
-    session_bound BOOLEAN NOT NULL DEFAULT false
+    waiting BOOLEAN NOT NULL DEFAULT false
 );
 CREATE SEQUENCE IF NOT EXISTS {table}_fencing;
 CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);
