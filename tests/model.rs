@@ -233,11 +233,15 @@ proptest! {
                 let pool = database.pool.clone();
                 async move {
                     let ids: Vec<Vec<u8>> = ids.iter().map(|id| id.as_bytes().to_vec()).collect();
+                    // In a transaction, unnamed: safe behind PgBouncer too.
+                    let mut transaction = pool.begin().await.unwrap();
                     sqlx::query("UPDATE idempotency_records SET expires_at = now() - interval '1 second' WHERE id = ANY($1)")
+                        .persistent(false)
                         .bind(ids)
-                        .execute(&pool)
+                        .execute(&mut *transaction)
                         .await
                         .unwrap();
+                    transaction.commit().await.unwrap();
                 }
             };
             check(&store, fresh_ids(), &ops, expire).await;

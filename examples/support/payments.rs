@@ -341,6 +341,10 @@ mod postgres {
 
     const COLUMNS: &str = "id, amount, currency, status, paid, created, description, metadata, source";
 
+    // Every statement is unnamed, and one outside a request's transaction
+    // runs in one of its own: safe behind a transaction pooler (PgBouncer
+    // before 1.21, `?statement-cache-capacity=0`), as the README says.
+
     fn charge_of(row: &PgRow) -> Result<(Charge, String), sqlx::Error> {
         let metadata: String = row.try_get("metadata")?;
         let charge = Charge {
@@ -368,13 +372,20 @@ mod postgres {
         key: &str,
     ) -> Result<Option<(Charge, String)>, LedgerError> {
         let sql = format!("SELECT {COLUMNS} FROM charges WHERE api_key = $1 AND idempotency_key = $2");
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(api_key).bind(key);
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(api_key).bind(key);
         let row = match transaction {
             Some(transaction) => {
                 let mut connection = transaction.lock().await.map_err(|e| e.to_string())?;
                 query.fetch_optional(&mut *connection).await
             }
-            None => query.fetch_optional(pool).await,
+            None => {
+                async {
+                    let mut own = pool.begin().await?;
+                    let row = query.fetch_optional(&mut *own).await?;
+                    own.commit().await.map(|()| row)
+                }
+                .await
+            }
         };
         row.map_err(|e| e.to_string())?.map(|row| charge_of(&row).map_err(|e| e.to_string())).transpose()
     }
@@ -395,6 +406,7 @@ mod postgres {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                  ON CONFLICT (api_key, idempotency_key) DO NOTHING",
             )
+            .persistent(false)
             .bind(&charge.id)
             .bind(api_key)
             .bind(key)
@@ -420,20 +432,30 @@ mod postgres {
 
     /// Notes a simulated fault of this key; whether it is the first.
     pub(super) async fn first_fault(pool: &PgPool, api_key: &str, key: &str) -> bool {
-        let noted = sqlx::query(
-            "INSERT INTO simulated_faults (api_key, idempotency_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(api_key)
-        .bind(key)
-        .execute(pool)
-        .await;
-        noted.is_ok_and(|done| done.rows_affected() == 1)
+        let noted = async {
+            let mut own = pool.begin().await?;
+            let done = sqlx::query(
+                "INSERT INTO simulated_faults (api_key, idempotency_key) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .persistent(false)
+            .bind(api_key)
+            .bind(key)
+            .execute(&mut *own)
+            .await?;
+            own.commit().await.map(|()| done.rows_affected())
+        };
+        noted.await.is_ok_and(|rows| rows == 1)
     }
 
     pub(super) async fn charges(pool: &PgPool, api_key: &str) -> Result<Vec<Charge>, LedgerError> {
         let sql = format!("SELECT {COLUMNS} FROM charges WHERE api_key = $1 ORDER BY created, seq");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(api_key).fetch_all(pool).await;
-        let rows = rows.map_err(|e| e.to_string())?;
+        let rows = async {
+            let mut own = pool.begin().await?;
+            let rows =
+                sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false).bind(api_key).fetch_all(&mut *own).await?;
+            own.commit().await.map(|()| rows)
+        };
+        let rows = rows.await.map_err(|e: sqlx::Error| e.to_string())?;
         rows.iter().map(|row| charge_of(row).map(|(charge, _)| charge).map_err(|e| e.to_string())).collect()
     }
 }
