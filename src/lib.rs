@@ -103,9 +103,10 @@
 //!   deadpool-redis, and [`IdempotencyLayer::redis`] and
 //!   [`IdempotencyLayer::redis_cluster`].
 //! - `axum` (on by default): [`IdempotencyContext`] as an axum extractor.
-//! - `postgres`: the PostgreSQL store (`store::postgres`), on sqlx, and
-//!   `IdempotencyLayer::postgres`, whose handlers write in the request's
-//!   transaction, committed with the record.
+//! - `postgres`: the PostgreSQL stores (`store::postgres`), on sqlx, and
+//!   `IdempotencyLayer::postgres` (a `TransactionalStore`), whose handlers
+//!   write in the request's transaction, committed with the record; safe
+//!   behind a transaction pooler.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -137,7 +137,8 @@ async fn terminate(database: &TestDatabase, backend: i32) {
 }
 
 async fn charges(database: &TestDatabase) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM charges").persistent(false).fetch_one(&database.pool).await.unwrap()
+    // A simple query: behind PgBouncer, one outside a transaction must be one exchange.
+    sqlx::Row::get(&sqlx::raw_sql("SELECT count(*) FROM charges").fetch_one(&database.pool).await.unwrap(), 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,11 +357,8 @@ async fn a_deadlock_between_two_requests_is_a_retryable_answer() {
     });
     both_locked_one.wait().await;
     assert_eq!(retry.await.unwrap().status, 201);
-    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::BIGINT FROM accounts")
-        .persistent(false)
-        .fetch_one(&database.pool)
-        .await
-        .unwrap();
+    let total = sqlx::raw_sql("SELECT sum(balance)::BIGINT FROM accounts").fetch_one(&database.pool).await.unwrap();
+    let total: i64 = sqlx::Row::get(&total, 0);
     assert_eq!(total, 4, "two requests, two updates each");
     assert_eq!(calls.get(), 3);
 }
@@ -618,11 +616,8 @@ async fn a_claim_waiting_for_a_pool_connection_answers_503_and_is_cancelled_not_
     // The pool serves waiters in turn: a claim still on its way would go first.
     assert_eq!(send(&app, request("/charge", "k-last", "")).await.status, 201);
     assert_eq!(calls.get(), 2);
-    let fencing: i64 = sqlx::query_scalar("SELECT last_value FROM idempotency_records_fencing")
-        .persistent(false)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let fencing = sqlx::raw_sql("SELECT last_value FROM idempotency_records_fencing").fetch_one(&pool).await.unwrap();
+    let fencing: i64 = sqlx::Row::get(&fencing, 0);
     assert_eq!(fencing, 2, "claims that timed out ran later for nobody");
 }
 
@@ -667,8 +662,8 @@ async fn cancelled_claims_leave_no_transaction_in_the_pool() {
         sqlx::raw_sql(sqlx::AssertSqlSafe(insert)).execute(&pool).await.unwrap();
     }
     let other = sqlx::PgPool::connect(&database.url()).await.unwrap();
-    let written: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM charges").persistent(false).fetch_one(&other).await.unwrap();
+    let written = sqlx::raw_sql("SELECT count(*) FROM charges").fetch_one(&other).await.unwrap();
+    let written: i64 = sqlx::Row::get(&written, 0);
     assert_eq!(written, 4, "writes through the pool stayed uncommitted");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -680,4 +675,236 @@ async fn cancelled_claims_leave_no_transaction_in_the_pool() {
             }
         }
     }
+}
+
+/// The trade `idle_in_transaction_session_timeout` makes (module docs): the
+/// server ends the session of a handler that waits on an external call, a
+/// retry takes the key over at once and runs the call again, and the first
+/// commit fails. The fencing token tells the external system which is newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_in_transaction_timeout_frees_a_waiting_handlers_key_and_its_commit_fails() {
+    let database = TestDatabase::create_with(&[("idle_in_transaction_session_timeout", "300ms")]).await;
+    let store = TransactionalStore::new(database.pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (n BIGINT NOT NULL)").execute(&database.pool).await.unwrap();
+    let layer = IdempotencyLayer::new(store);
+    let gate = Gate::default();
+    let (tokens, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let calls = Calls::default();
+    let (held, counter) = (gate.clone(), calls.clone());
+    let app = app(&layer, move |request: HandlerRequest| {
+        let (held, tokens, n) = (held.clone(), tokens.clone(), counter.bump());
+        async move {
+            let context = request.extensions().get::<tower_idempotency::IdempotencyContext>().unwrap().clone();
+            let transaction = request.extensions().get::<RequestTransaction>().unwrap().clone();
+            let insert = format!("INSERT INTO charges (n) VALUES ({n})");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(insert)).execute(&mut *transaction.lock().await.unwrap()).await.unwrap();
+            let _ = tokens.send(context.fencing_token());
+            // The external call: the transaction sits idle meanwhile.
+            held.pass().await;
+            respond(201, format!("charge {n}"))
+        }
+    });
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/hold", "k1", "")).await }
+    });
+    let first_token = seen.recv().await.unwrap();
+    // The server ends the idle session: the retry takes the key over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let retry = tokio::spawn({
+        let app = app.clone();
+        async move {
+            loop {
+                let answer = send(&app, request("/hold", "k1", "")).await;
+                if answer.status != 409 || tokio::time::Instant::now() > deadline {
+                    return answer;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let retry_token = seen.recv().await.unwrap();
+    assert!(retry_token > first_token, "the retry's fencing token does not grow");
+    gate.open(2);
+    let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
+    assert_eq!(retry.status, 201, "{:?}", retry.body);
+    assert_eq!(first.status, 503, "{:?}", first.body);
+    assert_eq!(first.problem(), "not-committed");
+    // The external call ran twice; one charge committed, and it replays.
+    assert_eq!(calls.get(), 2);
+    assert_eq!(charges(&database).await, 1);
+    assert!(send(&app, request("/hold", "k1", "")).await.replayed());
+}
+
+/// A TCP proxy to the test's PostgreSQL that the test can cut: `cut()`
+/// drops every connection it carries; `refuse(true)` refuses new ones.
+struct Proxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<u32>,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Self {
+        let (host, port) = common::postgres::server_host_port();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::watch::channel(0);
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cuts, refused) = (cut.clone(), refusing.clone());
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if refused.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let (mut cuts, target) = (cuts.subscribe(), (host.clone(), port));
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port: proxy_port, cut, refusing, accepting }
+    }
+
+    fn url(&self, database: &TestDatabase) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, database.name)
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|cuts| *cuts += 1);
+    }
+
+    fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        self.cut();
+    }
+}
+
+/// A layer whose pool goes through `proxy`, on a database whose `COMMIT`
+/// of a charge takes 1.5 s (a deferred constraint trigger).
+async fn setup_slow_commit_through(
+    proxy: &Proxy,
+) -> (TestDatabase, IdempotencyLayer<TransactionalStore>, sqlx::PgPool) {
+    let (database, _) = setup().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON charges DEFERRABLE INITIALLY DEFERRED \
+         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )
+    .execute(&database.pool)
+    .await
+    .unwrap();
+    let pool = sqlx::PgPool::connect(&proxy.url(&database)).await.unwrap();
+    (database, IdempotencyLayer::new(TransactionalStore::new(pool.clone())), pool)
+}
+
+/// Returns once a backend of `database` runs `COMMIT`.
+async fn committing(database: &TestDatabase) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND state = 'active' AND query = 'COMMIT'";
+    loop {
+        let row = sqlx::raw_sql(running).fetch_one(&database.pool).await.unwrap();
+        if sqlx::Row::get::<i64, _>(&row, 0) > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no COMMIT ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_connection_is_lost_is_found_out_and_answered_with_its_response() {
+    let proxy = Proxy::start().await;
+    let (database, layer, _pool) = setup_slow_commit_through(&proxy).await;
+    let (app, _, calls, _) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/charge", "k1", "amount=100")).await }
+    });
+    committing(&database).await;
+    // The connection goes while the COMMIT runs; the server finishes it.
+    proxy.cut();
+    let first = first.await.unwrap();
+    assert_eq!((first.status, &first.body[..]), (http::StatusCode::CREATED, &b"charge 1"[..]), "{:?}", first.body);
+    assert_eq!(charges(&database).await, 1);
+    assert!(send(&app, request("/charge", "k1", "amount=100")).await.replayed());
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_outcome_cannot_be_found_out_says_so_and_the_retry_is_safe() {
+    let proxy = Proxy::start().await;
+    let (database, layer, _pool) = setup_slow_commit_through(&proxy).await;
+    let (app, _, calls, _) = charging(&layer);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/charge", "k1", "amount=100")).await }
+    });
+    committing(&database).await;
+    // The database is out of reach while the COMMIT runs, and after.
+    proxy.refuse(true);
+    proxy.cut();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 503, "{:?}", first.body);
+    assert_eq!(first.problem(), "commit-unknown");
+    assert!(first.headers.contains_key("retry-after"));
+    // It commits: the retry with the same key replays it, once the server
+    // has finished the COMMIT (409 until then).
+    proxy.refuse(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let retry = send(&app, request("/charge", "k1", "amount=100")).await;
+        if retry.status != 409 || tokio::time::Instant::now() > deadline {
+            break retry;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(retry.replayed(), "{} {:?}", retry.status, retry.body);
+    assert_eq!((calls.get(), charges(&database).await), (1, 1));
+}
+
+/// sqlx's `begin()` on the request's connection makes a savepoint; when
+/// the savepoint fails, sqlx rolls back the whole transaction, the key's
+/// locks with it. The layer must not then commit a record on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_its_handler_ended_commits_nothing_and_the_retry_runs() {
+    let (database, layer) = setup().await;
+    let calls = Calls::default();
+    let counter = calls.clone();
+    let app = app(&layer, move |request: HandlerRequest| {
+        let n = counter.bump();
+        async move {
+            let transaction = request.extensions().get::<RequestTransaction>().unwrap().clone();
+            let mut connection = transaction.lock().await.unwrap();
+            let insert = format!("INSERT INTO charges (n, backend) VALUES ({n}, 0)");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(insert)).execute(&mut *connection).await.unwrap();
+            if n == 1 {
+                assert!(sqlx::raw_sql("SELECT 1 / 0").execute(&mut *connection).await.is_err());
+                // The transaction is aborted: the savepoint fails, and sqlx rolls back.
+                assert!(sqlx::Connection::begin(&mut *connection).await.is_err());
+            }
+            respond(201, format!("charge {n}"))
+        }
+    });
+    let first = send(&app, request("/charge", "k1", "")).await;
+    assert_eq!(first.status, 503, "{:?}", first.body);
+    assert_eq!(first.problem(), "not-committed");
+    assert_eq!(charges(&database).await, 0);
+    let retry = send(&app, request("/charge", "k1", "")).await;
+    assert_eq!((retry.status, retry.replayed()), (http::StatusCode::CREATED, false));
+    assert_eq!((calls.get(), charges(&database).await), (2, 1));
 }

@@ -498,8 +498,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Adds to an executing request's extensions what its inner service
-    /// needs of the claim `lease`: a transactional
-    /// [`PostgresStore`](postgres::PostgresStore) adds the request's
+    /// needs of the claim `lease`: the
+    /// [`TransactionalStore`](postgres::TransactionalStore) adds the request's
     /// transaction. The default adds nothing.
     fn attach(&self, lease: &Lease, extensions: &mut http::Extensions) {
         let _ = (lease, extensions);
@@ -510,7 +510,14 @@ pub trait Store: Send + Sync + 'static {
     /// transactional store). The layer then completes before the client
     /// gets any of the response, and when the completion fails it answers
     /// [`RejectionKind::NotCommitted`](crate::RejectionKind::NotCommitted)
-    /// instead: nothing the request wrote was kept. The default is `false`.
+    /// instead: nothing the request wrote was kept.
+    ///
+    /// Such a store's `complete` runs once, without the store timeout (a
+    /// slow commit must still land): it bounds its own time, ends the claim
+    /// whatever happens (the layer releases nothing after it), and returns
+    /// [`StoreError::OutcomeUnknown`] for a commit it cannot tell landed
+    /// ([`RejectionKind::CommitUnknown`](crate::RejectionKind::CommitUnknown)).
+    /// The default is `false`.
     fn commits_handler_writes(&self) -> bool {
         false
     }

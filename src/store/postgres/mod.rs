@@ -46,7 +46,9 @@
 //!    the record's lock held but its own fingerprint's free knows the
 //!    holder sent another payload (`422`) without reading anything; one
 //!    that finds its fingerprint's lock held has the same payload (`409`,
-//!    or it waits).
+//!    or it waits). (Two duplicates with the same other payload that race
+//!    each other within a round trip may get `409` before `422`: the first
+//!    holds that payload's lock until its rollback. A retry gets the `422`.)
 //! 2. Holding the record's lock, it reads the completed record in a
 //!    statement of its own, which starts after the lock is held (a
 //!    statement that won the lock as it ran could miss a record committed
@@ -132,7 +134,8 @@
 //! Both stores work behind PgBouncer in `pool_mode = transaction` (tested
 //! with 1.18). Before 1.21, PgBouncer keeps no prepared statement across
 //! transactions: connect with sqlx's statement cache off
-//! (`postgres://…?statement-cache-capacity=0`). The stores then prepare
+//! (`postgres://…?statement-cache-capacity=0`), and let sqlx's startup
+//! parameter through (`ignore_startup_parameters = extra_float_digits`). The stores then prepare
 //! their statements unnamed, and run each statement outside a request's
 //! transaction in a transaction of its own (sqlx prepares and runs a
 //! statement in two exchanges, between which the pooler may switch server

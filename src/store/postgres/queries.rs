@@ -156,16 +156,23 @@ impl Queries {
     /// A simple query: its lock key and timeout are written into it.
     pub(super) fn wait_unlocked(&self, fingerprint_lock: i64, timeout: Duration) -> String {
         self.wait_unlocked
-            .replace("{timeout_ms}", &timeout.as_millis().max(1).to_string())
+            .replace("{timeout_ms}", &lock_timeout(timeout))
             .replace("{fingerprint_lock}", &fingerprint_lock.to_string())
     }
 
-    /// A simple query: its lock key and timeout are written into it.
-    pub(super) fn begin_find_out(&self, record_lock: i64, timeout: Duration) -> String {
+    /// A simple query: its lock keys and timeout are written into it.
+    pub(super) fn begin_find_out(&self, (fingerprint_lock, record_lock): (i64, i64), timeout: Duration) -> String {
         self.begin_find_out
-            .replace("{timeout_ms}", &timeout.as_millis().max(1).to_string())
+            .replace("{timeout_ms}", &lock_timeout(timeout))
+            .replace("{fingerprint_lock}", &fingerprint_lock.to_string())
             .replace("{record_lock}", &record_lock.to_string())
     }
+}
+
+/// `timeout` as `lock_timeout` takes it: whole milliseconds, at least one,
+/// at most PostgreSQL's ceiling (`i32::MAX`, about 24.8 days).
+fn lock_timeout(timeout: Duration) -> String {
+    timeout.as_millis().clamp(1, i32::MAX as u128).to_string()
 }
 
 fn millis(duration: Duration) -> f64 {

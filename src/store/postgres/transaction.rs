@@ -49,6 +49,13 @@ impl Session {
         &mut self.connection
     }
 
+    /// Whether the connection is in this session's transaction and no
+    /// deeper: a handler's savepoint left open, or a failed one (sqlx then
+    /// rolls the whole transaction back), would leave it otherwise.
+    pub(super) fn in_own_transaction(&self) -> bool {
+        PgTransactionManager::get_transaction_depth(&self.connection) == 1
+    }
+
     /// Commits. On an error the connection is closed as it is dropped.
     pub(super) async fn commit(&mut self) -> Result<(), sqlx::Error> {
         self.settled = false;
@@ -88,10 +95,14 @@ impl Drop for Session {
 /// guards (those with an idempotency key); a handler that also serves
 /// requests without one takes `Option<RequestTransaction>`.
 ///
-/// The layer commits it: do not run `COMMIT` or `ROLLBACK` on it yourself
-/// (sqlx's `begin()` on it makes a savepoint, which is fine). Do not keep it
-/// past the response: the layer takes the transaction back to commit it,
-/// and waits for a handler that still holds it locked.
+/// The layer commits it: do not run `COMMIT` or `ROLLBACK` on it yourself,
+/// and do not use sqlx's `begin()` on it. That makes a savepoint, but when
+/// the savepoint fails or is cancelled, sqlx rolls back the whole
+/// transaction, with the key's locks: write `SAVEPOINT` and `ROLLBACK TO
+/// SAVEPOINT` yourself instead. (The layer then refuses to commit, and
+/// answers `503 not-committed`.) Do not keep it past the response: the layer
+/// takes the transaction back to commit it, and waits for a handler that
+/// still holds it locked.
 ///
 /// # Example
 /// ```no_run

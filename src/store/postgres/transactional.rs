@@ -12,7 +12,7 @@ use super::{
     transaction::{OpenTransactions, Session},
 };
 use crate::{
-    ConfigError, FencingToken, Record, RecordId,
+    ConfigError, FencingToken, Fingerprint, Record, RecordId,
     store::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, Store, StoreError},
 };
 
@@ -241,7 +241,10 @@ impl TransactionalStore {
         // Under `Rerun` a record another request holds is its to replace.
         let record = if request.replace_completed() && state != "locked" { None } else { record };
         let record = match record {
-            None if !snapshot_per_statement => self.completed_now(&id).await?,
+            // A failure to look is no answer: what the locks said stands.
+            None if !snapshot_per_statement && !request.replace_completed() => {
+                self.completed_now(&id).await.unwrap_or_default()
+            }
             record => record,
         };
         Ok(Some(match (record, state.as_str()) {
@@ -266,6 +269,11 @@ impl TransactionalStore {
     /// Writes the record in the session's transaction and commits it.
     async fn commit(&self, session: &mut Session, id: &RecordId, record: &Record, retention: Duration) -> Committed {
         let queries = &self.inner.shared.queries;
+        if !session.in_own_transaction() {
+            // The handler's savepoint helpers ended the transaction (sqlx rolls
+            // it all back when a savepoint fails): what follows committed alone.
+            return Committed::No(StoreError::unavailable("the request's transaction was ended by its handler"));
+        }
         let encoded = record.encode();
         let write = queries.commit_record(id, session.fencing_token, &record.fingerprint(), &encoded, retention);
         match write.execute(session.connection()).await {
@@ -275,9 +283,12 @@ impl TransactionalStore {
         }
         match session.commit().await {
             Ok(()) => Committed::Yes,
-            // The server answered, refusing: a serialization failure, a
-            // deferred constraint, a deadlock. It rolled back.
-            Err(sqlx::Error::Database(error)) => Committed::No(StoreError::unavailable(error)),
+            Err(sqlx::Error::Database(error)) if !connection_lost(error.code().as_deref()) => {
+                // The server refused: a serialization failure, a deferred
+                // constraint, a deadlock. It rolled back.
+                Committed::No(StoreError::unavailable(error))
+            }
+            // The connection went (a pooler reports it as an error of its own).
             Err(error) => Committed::Unknown(error.into()),
         }
     }
@@ -289,11 +300,13 @@ impl TransactionalStore {
     async fn find_out(
         &self,
         id: &RecordId,
+        fingerprint: Fingerprint,
         fencing_token: i64,
         lost: Box<dyn std::error::Error + Send + Sync>,
     ) -> Result<(), StoreError> {
         let shared = &self.inner.shared;
-        let begin = shared.queries.begin_find_out(shared.record_lock(id), FIND_OUT_PATIENCE);
+        let locks = (shared.fingerprint_lock(id, &fingerprint), shared.record_lock(id));
+        let begin = shared.queries.begin_find_out(locks, FIND_OUT_PATIENCE);
         let check = async {
             let mut session = Session::begin(&shared.pool, begin).await?;
             let row = shared.queries.committed(id, fencing_token).fetch_one(session.connection()).await?;
@@ -324,6 +337,13 @@ enum Committed {
     No(StoreError),
     /// Sent, and then the connection was lost.
     Unknown(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Whether an error answered to `COMMIT` may have come after the commit: a
+/// lost connection (SQLSTATE class 08, as a pooler reports it), the server
+/// shutting down or failing (57, 58, XX), or no code at all.
+fn connection_lost(code: Option<&str>) -> bool {
+    code.is_none_or(|code| ["08", "57", "58", "XX"].iter().any(|class| code.starts_with(class)))
 }
 
 /// Whether `error` is a database error with SQLSTATE `code`.
@@ -361,15 +381,15 @@ impl Store for TransactionalStore {
         let Some(mut session) = taken? else {
             return Err(StoreError::unavailable("the request's transaction was ended by its handler"));
         };
-        let fencing_token = session.fencing_token;
+        let (fencing_token, fingerprint) = (session.fencing_token, record.fingerprint());
         let committed = tokio::time::timeout(COMMIT_PATIENCE, self.commit(&mut session, id, &record, retention)).await;
         // A commit cut off here closes its connection as it is dropped.
         drop(session);
         match committed {
             Ok(Committed::Yes) => Ok(()),
             Ok(Committed::No(error)) => Err(error),
-            Ok(Committed::Unknown(lost)) => self.find_out(id, fencing_token, lost).await,
-            Err(_) => self.find_out(id, fencing_token, "the commit took longer than 30 s".into()).await,
+            Ok(Committed::Unknown(lost)) => self.find_out(id, fingerprint, fencing_token, lost).await,
+            Err(_) => self.find_out(id, fingerprint, fencing_token, "the commit took longer than 30 s".into()).await,
         }
     }
 
