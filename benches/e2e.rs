@@ -22,7 +22,10 @@
 //! benchmark creates and drops: the layer in transactional mode, whose
 //! handler inserts its charge in the request's transaction, and its floor,
 //! the same handler inserting the same charge in a transaction of its own
-//! (`BEGIN`, `INSERT`, `COMMIT`) with no layer.
+//! (`BEGIN`, `INSERT`, `COMMIT`) with no layer; and `postgres floor +
+//! record`, whose transaction also inserts a record of the layer's size into
+//! the layer's table: what any store that commits a record with the
+//! handler's write pays at least.
 //!
 //! The scenarios take turns in rounds, so a machine whose speed drifts (a
 //! noisy neighbour) slows them alike; the table sums the rounds. One table:
@@ -95,6 +98,9 @@ enum Served {
     /// The handler inserting its charge in a transaction of its own.
     #[cfg(feature = "postgres")]
     PostgresFloor,
+    /// The PostgreSQL floor that also writes a record in its transaction.
+    #[cfg(feature = "postgres")]
+    PostgresFloorRecord,
     /// Behind the layer on PostgreSQL in transactional mode, inserting its
     /// charge in the request's transaction.
     #[cfg(feature = "postgres")]
@@ -110,7 +116,7 @@ impl Served {
     /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
     fn uses_postgres(self) -> bool {
         #[cfg(feature = "postgres")]
-        if matches!(self, Self::PostgresFloor | Self::Postgres) {
+        if matches!(self, Self::PostgresFloor | Self::PostgresFloorRecord | Self::Postgres) {
             return true;
         }
         false
@@ -339,6 +345,32 @@ mod postgres {
                     let json = charge(&executions, body.len());
                     let mut transaction = pool.begin().await.unwrap();
                     sqlx::query(INSERT).bind(key_of(&headers)).bind(&json).execute(&mut *transaction).await.unwrap();
+                    transaction.commit().await.unwrap();
+                    ([("content-type", "application/json")], json)
+                }
+            }),
+        )
+    }
+
+    /// The floor of any store that commits a record with the handler's
+    /// write: the floor's transaction also inserts a record of the layer's
+    /// size into the layer's table (no claim, no read, no lock).
+    pub fn floor_with_record(executions: Arc<AtomicU64>, pool: sqlx::PgPool) -> Router {
+        const RECORD: &str = "INSERT INTO idempotency_records (id, owner, fencing_token, fingerprint, record, expires_at) \
+                              VALUES ($1, NULL, nextval('idempotency_records_fencing'), $2, $3, now() + interval '1 day')";
+        Router::new().route(
+            "/v1/charges",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (executions, pool) = (executions.clone(), pool.clone());
+                async move {
+                    let json = charge(&executions, body.len());
+                    let key = key_of(&headers);
+                    let id = <sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()).to_vec();
+                    // About the size of the layer's record of this response.
+                    let record = vec![7u8; 64 + json.len() + 128];
+                    let mut transaction = pool.begin().await.unwrap();
+                    sqlx::query(INSERT).bind(&key).bind(&json).execute(&mut *transaction).await.unwrap();
+                    sqlx::query(RECORD).bind(&id).bind(&id).bind(&record).execute(&mut *transaction).await.unwrap();
                     transaction.commit().await.unwrap();
                     ([("content-type", "application/json")], json)
                 }
@@ -696,6 +728,7 @@ fn main() {
     if database.is_some() {
         scenarios.extend([
             ("postgres floor, own tx", Served::PostgresFloor, Keys::Fresh),
+            ("postgres floor + record", Served::PostgresFloorRecord, Keys::Fresh),
             ("postgres, first executions", Served::Postgres, Keys::Fresh),
             ("postgres, replays", Served::Postgres, Keys::Hot),
             ("postgres, duplicates", Served::Postgres, Keys::Duplicates),
@@ -739,6 +772,10 @@ fn main() {
                 #[cfg(feature = "postgres")]
                 Served::PostgresFloor => {
                     postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
+                }
+                #[cfg(feature = "postgres")]
+                Served::PostgresFloorRecord => {
+                    postgres::floor_with_record(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
                 }
                 #[cfg(feature = "postgres")]
                 Served::Postgres => {

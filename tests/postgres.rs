@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{postgres::TestDatabase, *};
-use tower_idempotency::{IdempotencyLayer, InFlightPolicy, store::postgres::sqlx};
+use tower_idempotency::{
+    IdempotencyLayer, InFlightPolicy,
+    store::postgres::{PostgresStore, sqlx},
+};
 
 /// Claims made so far: each claim statement takes a fencing token, granted
 /// or not, and a sequence counts at once, outside transactions.
@@ -17,10 +20,10 @@ async fn claims(database: &TestDatabase) -> i64 {
     sqlx::Row::get(&row, 0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_duplicates_listen_instead_of_polling() {
-    let database = TestDatabase::create().await;
-    let store = database.plain_store();
+/// `waiters` duplicates wait while the first request runs on for `held`;
+/// each gets the first's answer replayed, the handler runs once. Returns the
+/// claims they made.
+async fn claims_of_waiters(database: &TestDatabase, store: PostgresStore, waiters: usize, held: Duration) -> i64 {
     store.migrate().await.unwrap();
     let layer = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
     let (app, gate, calls) = gated(&layer);
@@ -29,15 +32,15 @@ async fn waiting_duplicates_listen_instead_of_polling() {
         async move { send(&app, hold("k")).await }
     });
     gate.entered(1).await;
-    let before = claims(&database).await;
-    let waiters: Vec<_> = (0..8)
+    let before = claims(database).await;
+    let waiters: Vec<_> = (0..waiters)
         .map(|_| {
             let app = app.clone();
             tokio::spawn(async move { send(&app, hold("k")).await })
         })
         .collect();
-    // The first request runs on for two seconds.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Time passing is the point: the first request runs on.
+    tokio::time::sleep(held).await;
     gate.open(1);
     let first = first.await.unwrap();
     for waiter in waiters {
@@ -46,7 +49,13 @@ async fn waiting_duplicates_listen_instead_of_polling() {
         assert_eq!(answer.body, first.body);
     }
     assert_eq!(calls.get(), 1);
-    let claims = claims(&database).await - before;
+    claims(database).await - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_duplicates_listen_instead_of_polling() {
+    let database = TestDatabase::create().await;
+    let claims = claims_of_waiters(&database, database.plain_store(), 8, Duration::from_secs(2)).await;
     assert!(claims <= 8 * 4, "{claims} claims by 8 duplicates waiting 2 s: they poll");
 }
 
@@ -54,32 +63,7 @@ async fn waiting_duplicates_listen_instead_of_polling() {
 async fn waiting_duplicates_poll_a_bounded_number_of_times_without_listening() {
     let database = TestDatabase::create().await;
     let store = database.plain_store().with_listen_url(None);
-    store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::new(store).with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
-    let (app, gate, calls) = gated(&layer);
-    let first = tokio::spawn({
-        let app = app.clone();
-        async move { send(&app, hold("k")).await }
-    });
-    gate.entered(1).await;
-    let before = claims(&database).await;
-    let waiters: Vec<_> = (0..4)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move { send(&app, hold("k")).await })
-        })
-        .collect();
-    // The first request runs on for a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    gate.open(1);
-    let first = first.await.unwrap();
-    for waiter in waiters {
-        let answer = waiter.await.unwrap();
-        assert!(answer.replayed(), "a waiting duplicate: {}", answer.status);
-        assert_eq!(answer.body, first.body);
-    }
-    assert_eq!(calls.get(), 1);
+    let claims = claims_of_waiters(&database, store, 4, Duration::from_secs(1)).await;
     // Every 100 ms for a second, and a little slack for the machine.
-    let claims = claims(&database).await - before;
     assert!(claims <= 4 * 15, "{claims} claims by 4 duplicates polling for 1 s");
 }

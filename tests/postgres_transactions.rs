@@ -503,10 +503,9 @@ async fn duplicates_released_the_instant_the_first_commits_run_once() {
     assert_eq!(charges(&database).await, 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_slower_than_the_store_timeout_is_answered_with_its_response() {
-    let (database, layer) = setup().await;
-    // A deferred constraint trigger runs at COMMIT and takes 1.5 s there.
+/// Makes each `COMMIT` of a charge take 1.5 s: a deferred constraint
+/// trigger runs at the commit.
+async fn slow_commits(database: &TestDatabase) {
     sqlx::raw_sql(
         "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$; \
@@ -516,6 +515,12 @@ async fn a_commit_slower_than_the_store_timeout_is_answered_with_its_response() 
     .execute(&database.pool)
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_slower_than_the_store_timeout_is_answered_with_its_response() {
+    let (database, layer) = setup().await;
+    slow_commits(&database).await;
     let layer = layer.with_store_timeout(Duration::from_millis(300)).unwrap();
     let (app, _, calls, _) = charging(&layer);
     let first = send(&app, request("/charge", "k1", "amount=100")).await;
@@ -798,15 +803,7 @@ async fn setup_slow_commit_through(
     proxy: &Proxy,
 ) -> (TestDatabase, IdempotencyLayer<TransactionalStore>, sqlx::PgPool) {
     let (database, _) = setup().await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON charges DEFERRABLE INITIALLY DEFERRED \
-         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
-    )
-    .execute(&database.pool)
-    .await
-    .unwrap();
+    slow_commits(&database).await;
     let pool = sqlx::PgPool::connect(&proxy.url(&database)).await.unwrap();
     (database, IdempotencyLayer::new(TransactionalStore::new(pool.clone())), pool)
 }
