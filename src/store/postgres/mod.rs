@@ -38,22 +38,24 @@
 //! pooler is safe (PgBouncer `pool_mode = transaction`, RDS Proxy,
 //! Supavisor):
 //!
-//! 1. The claim opens the request's transaction and, in the same round
-//!    trip, takes two advisory locks without waiting
-//!    (`pg_try_advisory_xact_lock`): first one keyed by the record and the
-//!    request's fingerprint, then the record's own. Whoever holds the
-//!    record's lock so holds its fingerprint's too: a duplicate that finds
-//!    the record's lock held but its own fingerprint's free knows the
-//!    holder sent another payload (`422`) without reading anything; one
-//!    that finds its fingerprint's lock held has the same payload (`409`,
-//!    or it waits). (Two duplicates with the same other payload that race
-//!    each other within a round trip may get `409` before `422`: the first
-//!    holds that payload's lock until its rollback. A retry gets the `422`.)
-//! 2. Holding the record's lock, it reads the completed record in a
-//!    statement of its own, which starts after the lock is held (a
+//! 1. The claim opens the request's transaction (`BEGIN`) and calls the
+//!    table's claim function (`{table}_claim`, in the schema), which takes
+//!    two advisory locks without waiting (`pg_try_advisory_xact_lock`):
+//!    first one keyed by the record and the request's fingerprint, then the
+//!    record's own. Whoever holds the record's lock so holds its
+//!    fingerprint's too: a duplicate that finds the record's lock held but
+//!    its own fingerprint's free knows the holder sent another payload
+//!    (`422`) without reading anything; one that finds its fingerprint's
+//!    lock held has the same payload (`409`, or it waits). (Two duplicates
+//!    with the same other payload that race each other within a round trip
+//!    may get `409` before `422`: the first holds that payload's lock until
+//!    its rollback. A retry gets the `422`.)
+//! 2. Holding the record's lock, the function reads the completed record in
+//!    a statement of its own, which starts after the lock is held (a
 //!    statement that won the lock as it ran could miss a record committed
-//!    just before), and takes a fencing token from the sequence. A
-//!    completed record is replayed and the transaction rolls back.
+//!    just before; a volatile function's statements take their own
+//!    snapshots), and takes a fencing token from the sequence. A completed
+//!    record is replayed and the transaction rolls back.
 //! 3. The handler writes in the transaction ([`RequestTransaction`], an
 //!    axum extractor and a request extension).
 //! 4. When the inner service answers, the record is written in the same
@@ -113,10 +115,13 @@
 //! under those isolations only.
 //!
 //! A first execution costs these round trips besides the handler's own:
-//! `BEGIN` with the locks, the read, the record and the `COMMIT` (the last
-//! two cannot go in one: sqlx's transactions send their own `COMMIT`, and a
+//! `BEGIN`, the claim function, the record and the `COMMIT` (the last two
+//! cannot go in one: sqlx's transactions send their own `COMMIT`, and a
 //! simple query would carry the body as a literal). A replay costs two, its
-//! rollback riding on the connection's return to the pool.
+//! rollback riding on the connection's return to the pool. The claim
+//! function is part of the schema: `migrate()` creates it, and your own
+//! migrations must carry it (`schema()`); without it every claim fails
+//! (`503`).
 //!
 //! Bound a stuck handler with PostgreSQL's `statement_timeout`, and if you
 //! use `idle_in_transaction_session_timeout`, know the trade: when the

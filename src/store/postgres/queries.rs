@@ -19,8 +19,7 @@ pub(super) struct Queries {
     lookup: String,
     purge: String,
     wait: String,
-    begin_claim: String,
-    read_claim: String,
+    call_claim: String,
     probe_claim: String,
     commit_record: String,
     committed: String,
@@ -49,8 +48,7 @@ impl Queries {
             lookup: named(include_str!("queries/lookup.sql")),
             purge: named(include_str!("queries/purge.sql")),
             wait: named(include_str!("queries/wait.sql")),
-            begin_claim: named(include_str!("queries/begin_claim.sql")),
-            read_claim: named(include_str!("queries/read_claim.sql")),
+            call_claim: named(include_str!("queries/call_claim.sql")),
             probe_claim: named(include_str!("queries/probe_claim.sql")),
             commit_record: named(include_str!("queries/commit_record.sql")),
             committed: named(include_str!("queries/committed.sql")),
@@ -112,15 +110,8 @@ impl Queries {
         sqlx::query(AssertSqlSafe(sql)).persistent(self.persistent)
     }
 
-    /// A simple query: its lock keys are written into it.
-    pub(super) fn begin_claim(&self, record_lock: i64, fingerprint_lock: i64) -> String {
-        self.begin_claim
-            .replace("{record_lock}", &record_lock.to_string())
-            .replace("{fingerprint_lock}", &fingerprint_lock.to_string())
-    }
-
-    pub(super) fn read_claim(&self, id: &RecordId, replace_completed: bool) -> PgQuery<'_> {
-        self.query(&self.read_claim).bind(*id.as_bytes()).bind(replace_completed)
+    pub(super) fn call_claim(&self, locks: (i64, i64), id: &RecordId, replace_completed: bool) -> PgQuery<'_> {
+        self.query(&self.call_claim).bind(locks.0).bind(locks.1).bind(*id.as_bytes()).bind(replace_completed)
     }
 
     pub(super) fn probe_claim(&self, id: &RecordId, fencing_token: i64, fingerprint: &Fingerprint) -> PgQuery<'_> {

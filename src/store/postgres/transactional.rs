@@ -204,13 +204,13 @@ impl TransactionalStore {
 
     /// One try of a claim: `None` when a record committed under the
     /// transaction's snapshot, and the claim must start over.
-    async fn try_claim(&self, request: &ClaimRequest, begin: String) -> Result<Option<Claim>, StoreError> {
+    async fn try_claim(&self, request: &ClaimRequest, locks: (i64, i64)) -> Result<Option<Claim>, StoreError> {
         let shared = &self.inner.shared;
         let id = request.id();
-        let mut session = Session::begin(&shared.pool, begin).await.map_err(StoreError::unavailable)?;
+        let mut session = Session::begin(&shared.pool, "BEGIN".to_owned()).await.map_err(StoreError::unavailable)?;
         let row = shared
             .queries
-            .read_claim(&id, request.replace_completed())
+            .call_claim(locks, &id, request.replace_completed())
             .fetch_one(session.connection())
             .await
             .map_err(StoreError::unavailable)?;
@@ -356,10 +356,9 @@ impl Store for TransactionalStore {
         let shared = &self.inner.shared;
         shared.start_purging();
         let id = request.id();
-        let begin =
-            shared.queries.begin_claim(shared.record_lock(&id), shared.fingerprint_lock(&id, &request.fingerprint()));
+        let locks = (shared.record_lock(&id), shared.fingerprint_lock(&id, &request.fingerprint()));
         for _ in 0..CLAIM_TRIES {
-            if let Some(claim) = self.try_claim(&request, begin.clone()).await? {
+            if let Some(claim) = self.try_claim(&request, locks).await? {
                 return Ok(claim);
             }
         }
