@@ -823,8 +823,12 @@ async fn committing(database: &TestDatabase) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_whose_connection_is_lost_is_found_out_and_answered_with_its_response() {
+/// A charge whose connection the proxy cuts while its `COMMIT` runs (the
+/// server finishes it); with `unreachable`, the proxy also refuses new
+/// connections from then on. Returns the charge's answer.
+async fn a_charge_cut_while_committing(
+    unreachable: bool,
+) -> (Proxy, TestDatabase, IdempotencyLayer<TransactionalStore>, App, Calls, Answer) {
     let proxy = Proxy::start().await;
     let (database, layer, _pool) = setup_slow_commit_through(&proxy).await;
     let (app, _, calls, _) = charging(&layer);
@@ -833,9 +837,15 @@ async fn a_commit_whose_connection_is_lost_is_found_out_and_answered_with_its_re
         async move { send(&app, request("/charge", "k1", "amount=100")).await }
     });
     committing(&database).await;
-    // The connection goes while the COMMIT runs; the server finishes it.
+    proxy.refuse(unreachable);
     proxy.cut();
     let first = first.await.unwrap();
+    (proxy, database, layer, app, calls, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_connection_is_lost_is_found_out_and_answered_with_its_response() {
+    let (_proxy, database, _layer, app, calls, first) = a_charge_cut_while_committing(false).await;
     assert_eq!((first.status, &first.body[..]), (http::StatusCode::CREATED, &b"charge 1"[..]), "{:?}", first.body);
     assert_eq!(charges(&database).await, 1);
     assert!(send(&app, request("/charge", "k1", "amount=100")).await.replayed());
@@ -844,18 +854,8 @@ async fn a_commit_whose_connection_is_lost_is_found_out_and_answered_with_its_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_outcome_cannot_be_found_out_says_so_and_the_retry_is_safe() {
-    let proxy = Proxy::start().await;
-    let (database, layer, _pool) = setup_slow_commit_through(&proxy).await;
-    let (app, _, calls, _) = charging(&layer);
-    let first = tokio::spawn({
-        let app = app.clone();
-        async move { send(&app, request("/charge", "k1", "amount=100")).await }
-    });
-    committing(&database).await;
     // The database is out of reach while the COMMIT runs, and after.
-    proxy.refuse(true);
-    proxy.cut();
-    let first = first.await.unwrap();
+    let (proxy, database, _layer, app, calls, first) = a_charge_cut_while_committing(true).await;
     assert_eq!(first.status, 503, "{:?}", first.body);
     assert_eq!(first.problem(), "commit-unknown");
     assert!(first.headers.contains_key("retry-after"));
