@@ -20,18 +20,23 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyContext {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Self>()
-            .cloned()
-            .ok_or_else(|| missing_key(parts, "IdempotencyContext", EXTRACTOR_DETAIL))
+        guarded(parts, "IdempotencyContext", EXTRACTOR_DETAIL)
     }
 }
 
-/// The 400 `missing-key` of an extractor of what only guarded requests
-/// carry, its detail saying why. The layer passed the request through
-/// (keys are optional unless it requires them), so it counted nothing:
-/// this logs it.
+/// What only guarded requests carry, from the request's extensions; else
+/// the 400 `missing-key`, its detail saying why. The layer passed the
+/// request through (keys are optional unless it requires them), so it
+/// counted nothing: this logs it.
+#[allow(clippy::result_large_err, reason = "what an extractor returns: axum rejects with the response")]
+fn guarded<T: Clone + Send + Sync + 'static>(
+    parts: &Parts,
+    extractor: &'static str,
+    detail: &'static str,
+) -> Result<T, Response> {
+    parts.extensions.get::<T>().cloned().ok_or_else(|| missing_key(parts, extractor, detail))
+}
+
 fn missing_key(parts: &Parts, extractor: &'static str, detail: &'static str) -> Response {
     tracing::debug!(outcome = "rejected", rejection = "missing-key", extractor, "extractor without a key");
     let grpc = crate::policy::is_grpc(&parts.headers);
@@ -58,7 +63,7 @@ mod transaction {
     };
     use http::request::Parts;
 
-    use super::missing_key;
+    use super::guarded;
     use crate::store::postgres::RequestTransaction;
 
     const EXTRACTOR_DETAIL: &str = "Send an Idempotency-Key header with this request: its handler writes in the \
@@ -69,11 +74,7 @@ mod transaction {
         type Rejection = Response;
 
         async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-            parts
-                .extensions
-                .get::<Self>()
-                .cloned()
-                .ok_or_else(|| missing_key(parts, "RequestTransaction", EXTRACTOR_DETAIL))
+            guarded(parts, "RequestTransaction", EXTRACTOR_DETAIL)
         }
     }
 

@@ -34,13 +34,13 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// A connection of `pool`, in a transaction opened by `begin` (a simple
-    /// query that starts with `BEGIN`).
-    pub(super) async fn begin(pool: &PgPool, begin: String) -> Result<Self, sqlx::Error> {
+    /// A connection of `pool`, in a transaction opened by `BEGIN`, or by
+    /// `begin` (a simple query that starts with `BEGIN`).
+    pub(super) async fn begin(pool: &PgPool, begin: Option<String>) -> Result<Self, sqlx::Error> {
         let connection = pool.acquire().await?;
         let mut session = Self { connection, settled: false, fencing_token: 0 };
-        let begin = sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin));
-        PgTransactionManager::begin(&mut session.connection, Some(begin)).await?;
+        let begin = begin.map(|begin| sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(begin)));
+        PgTransactionManager::begin(&mut session.connection, begin).await?;
         session.settled = true;
         Ok(session)
     }

@@ -207,7 +207,7 @@ impl TransactionalStore {
     async fn try_claim(&self, request: &ClaimRequest, locks: (i64, i64)) -> Result<Option<Claim>, StoreError> {
         let shared = &self.inner.shared;
         let id = request.id();
-        let mut session = Session::begin(&shared.pool, "BEGIN".to_owned()).await.map_err(StoreError::unavailable)?;
+        let mut session = Session::begin(&shared.pool, None).await.map_err(StoreError::unavailable)?;
         let row = shared
             .queries
             .call_claim(locks, &id, request.replace_completed())
@@ -308,7 +308,7 @@ impl TransactionalStore {
         let locks = (shared.fingerprint_lock(id, &fingerprint), shared.record_lock(id));
         let begin = shared.queries.begin_find_out(locks, FIND_OUT_PATIENCE);
         let check = async {
-            let mut session = Session::begin(&shared.pool, begin).await?;
+            let mut session = Session::begin(&shared.pool, Some(begin)).await?;
             let row = shared.queries.committed(id, fencing_token).fetch_one(session.connection()).await?;
             session.rollback().await;
             row.try_get::<bool, _>("committed")
