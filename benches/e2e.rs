@@ -101,6 +101,10 @@ enum Served {
     /// The PostgreSQL floor that also writes a record in its transaction.
     #[cfg(feature = "postgres")]
     PostgresFloorRecord,
+    /// That floor with the claim's two transaction locks taken in a round
+    /// trip of their own (no read, no fencing token).
+    #[cfg(feature = "postgres")]
+    PostgresFloorRecordLocks,
     /// Behind the layer on PostgreSQL in transactional mode, inserting its
     /// charge in the request's transaction.
     #[cfg(feature = "postgres")]
@@ -116,7 +120,10 @@ impl Served {
     /// Whether the scenario talks to PostgreSQL, whose CPU it reports.
     fn uses_postgres(self) -> bool {
         #[cfg(feature = "postgres")]
-        if matches!(self, Self::PostgresFloor | Self::PostgresFloorRecord | Self::Postgres) {
+        if matches!(
+            self,
+            Self::PostgresFloor | Self::PostgresFloorRecord | Self::PostgresFloorRecordLocks | Self::Postgres
+        ) {
             return true;
         }
         false
@@ -354,8 +361,11 @@ mod postgres {
 
     /// The floor of any store that commits a record with the handler's
     /// write: the floor's transaction also inserts a record of the layer's
-    /// size into the layer's table (no claim, no read, no lock).
-    pub fn floor_with_record(executions: Arc<AtomicU64>, pool: sqlx::PgPool) -> Router {
+    /// size into the layer's table (no claim, no read, no lock). `locks`:
+    /// the transaction first takes the claim's two transaction locks, in a
+    /// round trip of their own.
+    pub fn floor_with_record(executions: Arc<AtomicU64>, pool: sqlx::PgPool, locks: bool) -> Router {
+        const LOCKS: &str = "SELECT pg_try_advisory_xact_lock($1), pg_try_advisory_xact_lock($2)";
         const RECORD: &str = "INSERT INTO idempotency_records (id, owner, fencing_token, fingerprint, record, expires_at) \
                               VALUES ($1, NULL, nextval('idempotency_records_fencing'), $2, $3, now() + interval '1 day')";
         Router::new().route(
@@ -369,6 +379,10 @@ mod postgres {
                     // About the size of the layer's record of this response.
                     let record = vec![7u8; 64 + json.len() + 128];
                     let mut transaction = pool.begin().await.unwrap();
+                    if locks {
+                        let lock = i64::from_le_bytes(id[..8].try_into().unwrap());
+                        sqlx::query(LOCKS).bind(lock).bind(lock ^ 1).execute(&mut *transaction).await.unwrap();
+                    }
                     sqlx::query(INSERT).bind(&key).bind(&json).execute(&mut *transaction).await.unwrap();
                     sqlx::query(RECORD).bind(&id).bind(&id).bind(&record).execute(&mut *transaction).await.unwrap();
                     transaction.commit().await.unwrap();
@@ -729,6 +743,7 @@ fn main() {
         scenarios.extend([
             ("postgres floor, own tx", Served::PostgresFloor, Keys::Fresh),
             ("postgres floor + record", Served::PostgresFloorRecord, Keys::Fresh),
+            ("postgres floor + rec + locks", Served::PostgresFloorRecordLocks, Keys::Fresh),
             ("postgres, first executions", Served::Postgres, Keys::Fresh),
             ("postgres, replays", Served::Postgres, Keys::Hot),
             ("postgres, duplicates", Served::Postgres, Keys::Duplicates),
@@ -774,9 +789,17 @@ fn main() {
                     postgres::floor(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
                 }
                 #[cfg(feature = "postgres")]
-                Served::PostgresFloorRecord => {
-                    postgres::floor_with_record(executions.clone(), database.as_ref().map(|d| d.pool.clone()).unwrap())
-                }
+                Served::PostgresFloorRecord => postgres::floor_with_record(
+                    executions.clone(),
+                    database.as_ref().map(|d| d.pool.clone()).unwrap(),
+                    false,
+                ),
+                #[cfg(feature = "postgres")]
+                Served::PostgresFloorRecordLocks => postgres::floor_with_record(
+                    executions.clone(),
+                    database.as_ref().map(|d| d.pool.clone()).unwrap(),
+                    true,
+                ),
                 #[cfg(feature = "postgres")]
                 Served::Postgres => {
                     let pool = database.as_ref().map(|d| d.pool.clone()).unwrap();
