@@ -272,6 +272,14 @@ impl Scope {
         })
     }
 
+    /// A keyed 64-bit digest of the scope, never 0 (0 stands for "no
+    /// scope given" in a [`crate::store::ClaimRequest`]).
+    pub(crate) fn tag(&self) -> u64 {
+        static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        let tag = std::hash::BuildHasher::hash_one(KEYS.get_or_init(Default::default), self.as_bytes());
+        tag.max(1)
+    }
+
     /// The scope's bytes.
     ///
     /// # Example

@@ -51,7 +51,7 @@ use crate::{
 ///     .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)))
 ///     .with_retention(Duration::from_secs(48 * 3600))
 ///     .unwrap();
-/// let app: Router = Router::new().route("/charges", post(|| async { "charged" })).layer(layer);
+/// let app: Router = Router::new().route("/charges", post(|| async { "charged" }).route_layer(layer));
 /// # drop(app);
 /// ```
 #[must_use]

@@ -14,17 +14,25 @@
 //! use axum::{Router, routing::post};
 //! use tower_idempotency::IdempotencyLayer;
 //!
+//! // On the route's methods only: a keyed request that no handler runs
+//! // (axum's 404 and 405) must leave nothing in the store.
 //! let app: Router = Router::new()
-//!     .route("/v1/charges", post(|| async { "charged once" }))
-//!     .layer(IdempotencyLayer::memory());
+//!     .route("/v1/charges", post(|| async { "charged once" }).route_layer(IdempotencyLayer::memory()));
 //! # drop(app);
 //! ```
 //!
 //! The examples write `axum::http`, axum's re-export of the `http` crate;
 //! outside axum, depend on `http` itself.
 //!
-//! The layer works the same in `axum::Router::route_layer`, in tonic's
-//! `Server::builder().layer(..)`, and around any `tower::Service` that takes
+//! Under `axum::Router::layer`, axum's fallback answers for unknown paths
+//! and methods (404, 405) would pass through the layer and be stored: a
+//! flood of keyed requests to paths that do not exist would fill a store,
+//! and a key first sent to a wrong path would answer 422 on the right one.
+//! `MethodRouter::route_layer` keeps both out (`Router::route_layer` keeps
+//! out 404s only).
+//!
+//! The layer works the same in tonic's `Server::builder().layer(..)` (an
+//! unknown method's `UNIMPLEMENTED` counts as 501, not stored), and around any `tower::Service` that takes
 //! `http::Request<B>` with `B: http_body::Body<Data = Bytes>`.
 //!
 //! # Behaviour
@@ -44,7 +52,7 @@
 //! | same key, same payload, still running | 409 + `Retry-After`; or 202; or wait and replay |
 //! | finished key, [`CompletedStrategy::Reject`] | 409 `key-already-used` |
 //! | finished key whose response was not stored (too large, body failed) | 410 `response-not-stored` |
-//! | memory store full | completed records closest to expiry dropped to make room ([`Outcome::Evicted`]) |
+//! | memory store full | completed records of the scope holding the most dropped, closest to expiry first ([`Outcome::Evicted`], per [`EvictionReason`]) |
 //! | store down or slow, [`FailureMode::FailClosed`] | 503 `store-unavailable` + `Retry-After`, nothing runs |
 //! | memory store full of in-flight records | 503 `store-full` + `Retry-After`, nothing runs |
 //! | store down or slow, [`FailureMode::FailOpen`] | runs unguarded, counted |
@@ -137,7 +145,7 @@ pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordId, Scope};
 pub use layer::IdempotencyLayer;
-pub use metrics::{Metrics, Outcome};
+pub use metrics::{EvictionReason, Metrics, Outcome};
 pub use policy::{CompletedStrategy, FailureMode, InFlightPolicy, StoreResponse};
 pub use record::{DecodeError, NotStored, Record, StoredResponse};
 pub use response::{DefaultResponder, Rejection, RejectionKind, Responder};

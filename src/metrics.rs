@@ -97,6 +97,49 @@ impl Outcome {
     }
 }
 
+/// Why a store dropped a completed record before its retention ran out.
+///
+/// # Example
+/// ```
+/// use tower_idempotency::EvictionReason;
+///
+/// assert_eq!(EvictionReason::ScopeLimit.as_str(), "scope_limit");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EvictionReason {
+    /// The store was full: the scope holding the most gave way.
+    StoreFull,
+    /// The scope was at the per-scope limit it was given
+    /// ([`crate::store::MemoryStore::with_scope_limit`]).
+    ScopeLimit,
+}
+
+impl EvictionReason {
+    /// Every reason, in a fixed order.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::EvictionReason;
+    /// assert_eq!(EvictionReason::ALL.len(), 2);
+    /// ```
+    pub const ALL: &'static [EvictionReason] = &[Self::StoreFull, Self::ScopeLimit];
+
+    /// A stable snake-case name, for metric labels.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::EvictionReason;
+    /// assert_eq!(EvictionReason::StoreFull.as_str(), "store_full");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StoreFull => "store_full",
+            Self::ScopeLimit => "scope_limit",
+        }
+    }
+}
+
 const COUNTERS: usize = 10;
 const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 
@@ -115,6 +158,7 @@ const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     counters: Arc<[AtomicU64; COUNTERS]>,
+    evictions: Arc<[AtomicU64; 2]>,
 }
 
 impl Metrics {
@@ -135,9 +179,22 @@ impl Metrics {
         self.counters[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many completed records stores dropped for `reason` so far (all
+    /// reasons together: [`Outcome::Evicted`]).
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::{EvictionReason, IdempotencyLayer};
+    /// assert_eq!(IdempotencyLayer::memory().metrics().evictions(EvictionReason::StoreFull), 0);
+    /// ```
+    pub fn evictions(&self, reason: EvictionReason) -> u64 {
+        self.evictions[reason as usize].load(Ordering::Relaxed)
+    }
+
     /// Counts records a store dropped to make room.
-    pub(crate) fn count_evictions(&self, dropped: u64) {
+    pub(crate) fn count_evictions(&self, reason: EvictionReason, dropped: u64) {
         self.counters[Outcome::Evicted.index()].fetch_add(dropped, Ordering::Relaxed);
+        self.evictions[reason as usize].fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Counts a rejection, as the outcome its kind stands for.

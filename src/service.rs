@@ -250,6 +250,7 @@ impl<St: Store> Guarded<St> {
             };
             let fingerprint = Fingerprint::of(&parts, &config.fingerprint_headers, &body);
             let id = RecordId::new(&config.namespace, &scope, &key);
+            let scope_tag = scope.tag();
             tracing::Span::current().record("key", tracing::field::display(&id));
             let wait_until = match config.in_flight {
                 // Saturated: `Wait(Duration::MAX)` waits for as long as there is.
@@ -262,7 +263,8 @@ impl<St: Store> Guarded<St> {
             loop {
                 let claim = ClaimRequest::new(id, fingerprint, config.lease)
                     .with_replace_completed(replace_completed)
-                    .with_fencing_token(config.fencing_tokens);
+                    .with_fencing_token(config.fencing_tokens)
+                    .with_scope_tag(scope_tag);
                 let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, claim)).await {
                     Ok(claimed) => claimed,
                     // An answer, not a failure: the store has no room.

@@ -85,6 +85,14 @@ async fn rejections_are_grpc_statuses() {
 
 /// One raw gRPC call over HTTP/2: status, headers, body bytes, trailers.
 async fn raw_call(addr: SocketAddr, key: &str) -> (http::StatusCode, http::HeaderMap, Bytes, Option<http::HeaderMap>) {
+    raw_call_to(addr, "/payments.v1.Payments/CreateCharge", key).await
+}
+
+async fn raw_call_to(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+) -> (http::StatusCode, http::HeaderMap, Bytes, Option<http::HeaderMap>) {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -95,7 +103,7 @@ async fn raw_call(addr: SocketAddr, key: &str) -> (http::StatusCode, http::Heade
     frame.put_u8(0);
     frame.put_u32(encoded.len() as u32);
     frame.put_slice(&encoded);
-    let request = http::Request::post(format!("http://{addr}/payments.v1.Payments/CreateCharge"))
+    let request = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("idempotency-key", key)
@@ -120,5 +128,23 @@ async fn a_replay_has_the_same_bytes_and_trailers() {
     assert_eq!(first.3, replay.3, "the same trailers");
     assert_eq!(first.3.as_ref().unwrap()["grpc-status"], "0");
     assert_eq!(replay.1["idempotent-replayed"], "true");
+    assert_eq!(service.executions(), 1);
+}
+
+/// A keyed call that no handler runs (tonic answers `UNIMPLEMENTED` itself,
+/// inside the layer) leaves no record: UNIMPLEMENTED counts as HTTP 501,
+/// which the default storage rule does not keep. The same key then charges
+/// once, as if never used.
+#[tokio::test]
+async fn a_keyed_call_to_an_unknown_method_records_nothing() {
+    let (addr, service) = start().await;
+    for path in ["/payments.v1.Payments/Refund", "/other.v1.Service/CreateCharge"] {
+        let (_, headers, _, trailers) = raw_call_to(addr, path, "stray-1").await;
+        let status = headers.get("grpc-status").or(trailers.as_ref().and_then(|t| t.get("grpc-status")));
+        assert_eq!(status.unwrap(), "12", "{path}: UNIMPLEMENTED");
+    }
+    let charged = raw_call(addr, "stray-1").await;
+    assert_eq!(charged.3.as_ref().unwrap()["grpc-status"], "0");
+    assert!(charged.1.get("idempotent-replayed").is_none());
     assert_eq!(service.executions(), 1);
 }

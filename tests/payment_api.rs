@@ -256,6 +256,24 @@ on_each_store!(
     concurrent_duplicates_wait_for_one_charge
 );
 
+/// Keyed requests that no handler runs (an unknown path, a method the
+/// route does not take) are answered by the router's fallback, outside the
+/// layer: they leave no record that could crowd out a real one.
+#[tokio::test]
+async fn keyed_requests_no_handler_runs_record_nothing() {
+    let store = tower_idempotency::store::MemoryStore::new();
+    let api = Api::start(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
+    for n in 0..20 {
+        let key = format!("stray-{n}");
+        assert_eq!(api.request("POST", "/v1/nothing-here", Some("sk_a"), Some(&key), VISA).await.status, 404);
+        assert_eq!(api.request("PATCH", "/v1/charges", Some("sk_a"), Some(&key), VISA).await.status, 405);
+        assert_eq!(api.request("POST", "/v1/charges/ch_1", Some("sk_a"), Some(&key), VISA).await.status, 405);
+    }
+    assert_eq!(store.len(), 0, "a request no handler ran left a record");
+    assert_eq!(api.charge("sk_a", "real", VISA).await.status, 200);
+    assert_eq!(store.len(), 1);
+}
+
 #[tokio::test]
 async fn clients_that_send_their_headers_slowly_are_cut_off_and_others_served() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -500,11 +500,12 @@ pub fn router<St: Store + Clone>(layer: IdempotencyLayer<St>, payments: Arc<Paym
     let layer = configure(layer);
     let state = AppState { layer: layer.clone(), payments };
     Router::new()
-        .route("/v1/charges", post(create_charge::<St>).get(list_charges::<St>))
+        // On the route's own methods only (`MethodRouter::route_layer`): a
+        // keyed request that no handler runs (404, 405) leaves no record.
+        .route("/v1/charges", post(create_charge::<St>).get(list_charges::<St>).route_layer(layer))
         .route("/v1/charges/{id}", get(get_charge::<St>))
         .route("/v1/idempotency/{key}", get(key_state::<St>))
         .route("/internal/stats", get(stats::<St>))
-        .layer(layer)
         .layer(middleware::from_fn(abort_after_commit))
         .layer(middleware::from_fn(authenticate))
         .with_state(state)

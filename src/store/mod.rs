@@ -17,7 +17,7 @@
 
 use std::{fmt, future::Future, time::Duration};
 
-use crate::{Fingerprint, Metrics, Record, RecordId};
+use crate::{Fingerprint, Metrics, Record, RecordId, Scope};
 
 pub mod memory;
 #[cfg(feature = "postgres")]
@@ -202,6 +202,7 @@ pub struct ClaimRequest {
     lease: Duration,
     replace_completed: bool,
     fencing_token: bool,
+    scope: u64,
 }
 
 impl ClaimRequest {
@@ -215,7 +216,49 @@ impl ClaimRequest {
     /// assert_eq!(request.lease(), Duration::from_secs(1));
     /// ```
     pub fn new(id: RecordId, fingerprint: Fingerprint, lease: Duration) -> Self {
-        Self { id, fingerprint, lease, replace_completed: false, fencing_token: true }
+        Self { id, fingerprint, lease, replace_completed: false, fencing_token: true, scope: 0 }
+    }
+
+    /// Says whose claim this is, so that a store can share its room fairly
+    /// between callers (the memory store evicts from the scope that holds
+    /// the most). Without it every claim counts as one shared scope.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, Scope, store::ClaimRequest};
+    /// let id = RecordId::from_bytes([0; 32]);
+    /// let request = ClaimRequest::new(id, Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// let tenant = request.with_scope(&Scope::new("tenant-7"));
+    /// assert_ne!(tenant.scope_tag(), request.scope_tag());
+    /// assert_eq!(tenant.scope_tag(), request.with_scope(&Scope::new("tenant-7")).scope_tag());
+    /// ```
+    #[must_use]
+    pub fn with_scope(mut self, scope: &Scope) -> Self {
+        self.scope = scope.tag();
+        self
+    }
+
+    /// [`Self::with_scope`] with the scope's tag computed once already.
+    #[must_use]
+    pub(crate) fn with_scope_tag(mut self, tag: u64) -> Self {
+        self.scope = tag;
+        self
+    }
+
+    /// A 64-bit digest of the claim's scope, the same for the same scope
+    /// within one process (keyed per process, so callers cannot aim at
+    /// another's); 0 when no scope was given.
+    ///
+    /// # Example
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{Fingerprint, RecordId, store::ClaimRequest};
+    /// # let request = ClaimRequest::new(RecordId::from_bytes([0; 32]), Fingerprint::from_bytes([1; 32]), Duration::from_secs(1));
+    /// assert_eq!(request.scope_tag(), 0);
+    /// ```
+    pub fn scope_tag(&self) -> u64 {
+        self.scope
     }
 
     /// Lets the claim take over a completed record (the `Rerun` strategy).

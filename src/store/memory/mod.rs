@@ -6,18 +6,27 @@ mod table;
 use std::{sync::Arc, time::Duration};
 
 use self::table::{ENTRY_OVERHEAD, IN_FLIGHT_SIZE, Inner};
+
+/// Passes a claim may make for room before it is refused: a pass reserves
+/// what it frees for its claim, so one is enough unless a `Rerun` take-over
+/// raced it.
+const ROOM_PASSES: usize = 4;
 use super::{Claim, ClaimRequest, OwnerToken, RecordState, Store, StoreError};
 use crate::{Metrics, Record, RecordId};
 
 /// A bounded in-memory store, for one process.
 ///
 /// - Bounded by entries and bytes (default 100,000 and 64 MiB). When full it
-///   makes room by dropping completed records, those closest to expiry
-///   first, a thirty-second of its limits at a time; it never drops an
-///   in-flight record. Only when everything it holds is in flight does it
-///   refuse a claim ([`StoreError::Full`]: 503 by default). Drops are
-///   counted as [`crate::Outcome::Evicted`] and logged at `warn`, once per
-///   pass.
+///   makes room by dropping completed records, a thirty-second of the limit
+///   hit at a time, fairly between scopes (callers): the scope that holds
+///   the most (records or bytes, whichever limit was hit) gives way first,
+///   its records closest to expiry first, so a caller that floods the store
+///   evicts its own records, not another's. It never drops an in-flight
+///   record. Only when everything it holds is in flight does it refuse a
+///   claim ([`StoreError::Full`]: 503 by default). Drops are counted as
+///   [`crate::Outcome::Evicted`] and per [`crate::EvictionReason`], and
+///   logged at `warn`, once per pass. [`MemoryStore::with_scope_limit`]
+///   caps each scope as well.
 /// - A dropped record is forgotten: a retry of its key, after the drop,
 ///   runs the request again. Size the store so that records outlive the
 ///   window in which clients retry: at least (requests per second) x
@@ -31,7 +40,7 @@ use crate::{Metrics, Record, RecordId};
 ///   shard, so its tokens grow with every claim, as on Redis (a counter per
 ///   hash slot); tokens of different keys are not ordered.
 /// - Compact: a completed record is kept as its encoded bytes beside a
-///   56-byte entry and a 16-byte expiry slot (see BENCHMARKS.md for the heap
+///   64-byte entry (its scope tag included) and a 16-byte expiry slot (see BENCHMARKS.md for the heap
 ///   it takes per record). Records up to 4 KiB are copied for each replay,
 ///   larger ones shared.
 /// - Waiters for an in-flight record are woken when it completes or is
@@ -81,7 +90,37 @@ impl MemoryStore {
     /// # drop(store);
     /// ```
     pub fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
-        Self { inner: Arc::new(Inner::new(max_entries, max_bytes)) }
+        Self { inner: Arc::new(Inner::new(max_entries, max_bytes, None)) }
+    }
+
+    /// Caps what one scope (one caller) may hold: at most `max_entries`
+    /// records and `max_bytes` bytes, counted as the store counts them. A
+    /// scope at its cap makes room by dropping its own completed records,
+    /// closest to expiry first (counted as
+    /// [`EvictionReason::ScopeLimit`](crate::EvictionReason::ScopeLimit));
+    /// a scope whose share is all in flight is refused new claims (503
+    /// `store-full`), and only it. Caps below one claim's room are raised
+    /// to it.
+    ///
+    /// Without a cap the store is still fair when full: the scope holding
+    /// the most gives way first. The cap costs each claim and completion
+    /// one more short lock (on the scope's share), taken only when set.
+    ///
+    /// A builder step: it returns a new, empty store with this store's
+    /// limits and the cap, so call it before the store is shared.
+    ///
+    /// # Example
+    /// ```
+    /// # use tower_idempotency::store::MemoryStore;
+    /// // One caller may hold a tenth of the store.
+    /// let store = MemoryStore::with_limits(100_000, 64 << 20).with_scope_limit(10_000, 6 << 20);
+    /// assert!(store.is_empty());
+    /// ```
+    #[must_use]
+    pub fn with_scope_limit(self, max_entries: usize, max_bytes: usize) -> Self {
+        let (store_entries, store_bytes) = self.inner.limits();
+        let cap = (max_entries.max(1), max_bytes.max(IN_FLIGHT_SIZE));
+        Self { inner: Arc::new(Inner::new(store_entries, store_bytes, Some(cap))) }
     }
 
     /// How many records the store holds, expired ones not yet reclaimed
@@ -121,11 +160,20 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
-        if let Some(claim) = self.inner.try_claim(&request) {
-            return claim;
+        let mut need = match self.inner.try_claim(&request, false) {
+            Ok(claim) => return claim,
+            Err(need) => need,
+        };
+        for _ in 0..ROOM_PASSES {
+            if !self.inner.make_room(need, true, IN_FLIGHT_SIZE) {
+                return Err(StoreError::Full);
+            }
+            match self.inner.try_claim(&request, true) {
+                Ok(claim) => return claim,
+                Err(still) => need = still,
+            }
         }
-        self.inner.make_room(true, IN_FLIGHT_SIZE);
-        self.inner.try_claim(&request).unwrap_or(Err(StoreError::Full))
+        Err(StoreError::Full)
     }
 
     async fn complete(
@@ -135,9 +183,17 @@ impl Store for MemoryStore {
         record: Record,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let Err(record) = self.inner.complete(id, owner, record, retention)? else { return Ok(()) };
-        self.inner.make_room(false, ENTRY_OVERHEAD + record.encoded_len());
-        self.inner.complete(id, owner, record, retention)?.map_err(|_| StoreError::Full)
+        let Err((record, need)) = self.inner.complete(id, owner, record, retention, 0)? else { return Ok(()) };
+        // What the record needs beyond the room its claim holds.
+        let more = (ENTRY_OVERHEAD + record.encoded_len()).saturating_sub(IN_FLIGHT_SIZE);
+        if !self.inner.make_room(need, false, more) {
+            return Err(StoreError::Full);
+        }
+        let completed = self.inner.complete(id, owner, record, retention, more);
+        if !matches!(completed, Ok(Ok(()))) {
+            self.inner.unreserve(need.scope, false, more);
+        }
+        completed?.map_err(|_| StoreError::Full)
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
@@ -178,6 +234,168 @@ mod tests {
     fn record(body: usize) -> Record {
         let response = crate::StoredResponse::new(http::StatusCode::OK, Default::default(), vec![0; body].into(), None);
         Record::new(Fingerprint::from_bytes([0; 32]), response)
+    }
+
+    /// A claim of key `n` by the caller `scope`.
+    fn scoped(n: u16, scope: &str) -> ClaimRequest {
+        let mut bytes = [0; 32];
+        bytes[..2].copy_from_slice(&n.to_le_bytes());
+        bytes[2..2 + scope.len().min(30)].copy_from_slice(&scope.as_bytes()[..scope.len().min(30)]);
+        ClaimRequest::new(RecordId::from_bytes(bytes), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30))
+            .with_scope(&crate::Scope::new(scope.to_owned()))
+    }
+
+    /// Claims and completes `request` with a body of `body` bytes.
+    async fn keep(store: &MemoryStore, request: ClaimRequest, body: usize) {
+        let Ok(Claim::Acquired(lease)) = store.claim(request).await else { panic!("not claimed") };
+        store.complete(&request.id(), lease.owner(), record(body), Duration::from_secs(3600)).await.unwrap();
+    }
+
+    async fn kept(store: &MemoryStore, request: ClaimRequest) -> bool {
+        matches!(store.lookup(&request.id()).await, Ok(Some(RecordState::Completed(_))))
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_fills_the_entries_evicts_its_own_records_not_anothers() {
+        let store = MemoryStore::with_limits(64, usize::MAX);
+        let metrics = Metrics::default();
+        store.report_to(&metrics);
+        for n in 0..10 {
+            keep(&store, scoped(n, "victim"), 10).await;
+        }
+        for n in 0..200 {
+            keep(&store, scoped(n, "flooder"), 10).await;
+        }
+        for n in 0..10 {
+            assert!(kept(&store, scoped(n, "victim")).await, "the victim's record {n} was evicted");
+        }
+        assert!(kept(&store, scoped(199, "flooder")).await);
+        assert!(store.len() <= 64);
+        assert!(metrics.evictions(crate::EvictionReason::StoreFull) >= 146);
+        assert_eq!(metrics.evictions(crate::EvictionReason::ScopeLimit), 0);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_fills_the_bytes_evicts_its_own_records_not_anothers() {
+        let store = MemoryStore::with_limits(10_000, 256 << 10);
+        keep(&store, scoped(0, "victim"), 100).await;
+        keep(&store, scoped(1, "victim"), 20_000).await;
+        // 68 large responses, as the flood that filled the default store.
+        for n in 0..68 {
+            keep(&store, scoped(n, "flooder"), 16 << 10).await;
+        }
+        assert!(kept(&store, scoped(0, "victim")).await);
+        assert!(kept(&store, scoped(1, "victim")).await);
+        assert!(store.bytes() <= 256 << 10);
+    }
+
+    #[tokio::test]
+    async fn when_full_the_scope_holding_the_most_gives_way_first() {
+        let store = MemoryStore::with_limits(64, usize::MAX);
+        for n in 0..20 {
+            keep(&store, scoped(n, "small"), 10).await;
+        }
+        for n in 0..44 {
+            keep(&store, scoped(n, "large"), 10).await;
+        }
+        keep(&store, scoped(0, "new"), 10).await;
+        for n in 0..20 {
+            assert!(kept(&store, scoped(n, "small")).await, "the smaller scope lost record {n}");
+        }
+        assert!(!kept(&store, scoped(0, "large")).await, "the larger scope's oldest record goes first");
+    }
+
+    #[tokio::test]
+    async fn a_scope_limit_caps_each_caller_and_counts_its_evictions() {
+        let store = MemoryStore::with_limits(1_000, usize::MAX).with_scope_limit(10, usize::MAX);
+        let metrics = Metrics::default();
+        store.report_to(&metrics);
+        keep(&store, scoped(0, "quiet"), 10).await;
+        for n in 0..25 {
+            keep(&store, scoped(n, "busy"), 10).await;
+        }
+        let busy = futures_util::future::join_all((0..25).map(|n| kept(&store, scoped(n, "busy")))).await;
+        assert!(busy.iter().filter(|&&kept| kept).count() <= 10, "{busy:?}");
+        assert!(busy[24], "the newest record stays");
+        assert!(kept(&store, scoped(0, "quiet")).await);
+        assert!(metrics.evictions(crate::EvictionReason::ScopeLimit) >= 15);
+        assert_eq!(metrics.evictions(crate::EvictionReason::StoreFull), 0);
+    }
+
+    #[tokio::test]
+    async fn a_scope_at_its_limit_with_everything_in_flight_is_refused_alone() {
+        let store = MemoryStore::with_limits(1_000, usize::MAX).with_scope_limit(2, usize::MAX);
+        assert!(matches!(store.claim(scoped(0, "busy")).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(store.claim(scoped(1, "busy")).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(store.claim(scoped(2, "busy")).await, Err(StoreError::Full)));
+        assert!(matches!(store.claim(scoped(0, "other")).await, Ok(Claim::Acquired(_))));
+    }
+
+    #[tokio::test]
+    async fn a_rerun_take_over_of_a_small_record_stays_within_the_byte_limit() {
+        let small = ENTRY_OVERHEAD + record(0).encoded_len();
+        assert!(small < IN_FLIGHT_SIZE, "a take-over must grow the entry for this test to show anything");
+        let store = MemoryStore::with_limits(100, small + IN_FLIGHT_SIZE);
+        keep(&store, scoped(0, "a"), 0).await;
+        assert!(matches!(store.claim(scoped(1, "a")).await, Ok(Claim::Acquired(_))));
+        // Two claims' room does not fit: the take-over is refused, and
+        // refused without dropping the record it would have replaced.
+        let rerun = scoped(0, "a").with_replace_completed(true);
+        assert!(matches!(store.claim(rerun).await, Err(StoreError::Full)));
+        assert!(store.bytes() <= small + IN_FLIGHT_SIZE, "{} bytes", store.bytes());
+        assert!(kept(&store, scoped(0, "a")).await);
+    }
+
+    #[tokio::test]
+    async fn a_completion_that_needs_a_little_room_drops_a_little() {
+        let size = ENTRY_OVERHEAD + record(100).encoded_len();
+        let store = MemoryStore::with_limits(3_200, 21 * size);
+        for n in 0..20 {
+            keep(&store, scoped(n, "a"), 100).await;
+        }
+        // Completing with 100 more bytes than there is room for.
+        keep(&store, scoped(20, "a"), 200).await;
+        let left = futures_util::future::join_all((0..20).map(|n| kept(&store, scoped(n, "a")))).await;
+        assert!(left.iter().filter(|&&kept| kept).count() >= 17, "{left:?}");
+    }
+
+    #[test]
+    fn a_burst_of_claims_on_a_full_store_is_never_refused_while_completed_records_remain() {
+        const THREADS: usize = 64;
+        let store = MemoryStore::with_limits(THREADS, usize::MAX);
+        let key = |round: usize, thread: usize| {
+            let mut bytes = [7; 32];
+            bytes[..8].copy_from_slice(&(round as u64).to_le_bytes());
+            bytes[8..16].copy_from_slice(&(thread as u64).to_le_bytes());
+            ClaimRequest::new(RecordId::from_bytes(bytes), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30))
+        };
+        fn now<T>(future: impl std::future::Future<Output = T>) -> T {
+            futures_util::FutureExt::now_or_never(std::pin::pin!(future)).expect("the memory store never waits")
+        }
+        let barrier = std::sync::Barrier::new(THREADS);
+        let refused = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|threads| {
+            for thread in 0..THREADS {
+                let (store, barrier, refused) = (&store, &barrier, &refused);
+                threads.spawn(move || {
+                    // Released at once; from then on each thread claims and
+                    // completes fresh keys, as fast as it can.
+                    barrier.wait();
+                    for round in 0..1_000 {
+                        let request = key(round, thread);
+                        match now(store.claim(request)) {
+                            Ok(Claim::Acquired(lease)) => {
+                                let id = request.id();
+                                now(store.complete(&id, lease.owner(), record(10), Duration::from_secs(60))).unwrap();
+                            }
+                            Err(StoreError::Full) => drop(refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+                            _ => panic!("a fresh key was not claimed"),
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(refused.into_inner(), 0, "claims refused while completed records remained");
     }
 
     #[tokio::test]
@@ -229,8 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_56_bytes_besides_its_record() {
-        assert!(size_of::<Entry>() <= 56, "{} bytes", size_of::<Entry>());
+    fn an_entry_is_64_bytes_besides_its_record() {
+        assert!(size_of::<Entry>() <= 64, "{} bytes", size_of::<Entry>());
     }
 
     /// Whether the store holds no live record once the expired ones due are

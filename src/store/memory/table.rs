@@ -2,7 +2,7 @@
 //! their expiry, and the entry and byte accounting against the limits.
 
 use std::{
-    collections::hash_map::RandomState,
+    collections::{BinaryHeap, HashMap, hash_map::RandomState},
     hash::BuildHasher,
     pin::Pin,
     sync::{
@@ -23,7 +23,7 @@ use tokio::{
 
 use super::expiries::{Expiries, Micros, after};
 use crate::{
-    FencingToken, Fingerprint, Metrics, Record, RecordId,
+    EvictionReason, FencingToken, Fingerprint, Metrics, Record, RecordId,
     store::{Claim, ClaimRequest, Lease, OwnerToken, RecordState, StoreError},
 };
 
@@ -56,6 +56,8 @@ pub(super) struct Inner {
     /// Held by the one call that makes room, so a burst of claims on a full
     /// store makes room once.
     making_room: Mutex<()>,
+    /// Each scope's share, when the store caps them.
+    scopes: Option<Shares>,
     /// Where dropped records are counted: the layer's counters, once a
     /// layer is made on the store.
     metrics: OnceLock<Metrics>,
@@ -79,6 +81,69 @@ struct Counts {
     bytes: AtomicUsize,
 }
 
+/// Where there was no room: in the store, or in the scope's share.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NoRoom {
+    pub(super) scope: u64,
+    pub(super) in_scope: bool,
+}
+
+/// A cap per scope, and what each scope holds (in flight and completed),
+/// sharded by scope; a scope that holds nothing has no entry.
+struct Shares {
+    max_entries: usize,
+    max_bytes: usize,
+    shards: Box<[Padded<Mutex<ShareMap>>]>,
+}
+
+type ShareMap = HashMap<u64, Share>;
+
+#[derive(Clone, Copy, Default)]
+struct Share {
+    entries: usize,
+    bytes: usize,
+}
+
+impl Shares {
+    fn new(max_entries: usize, max_bytes: usize) -> Self {
+        let shards = (0..SHARDS).map(|_| Padded(Mutex::new(HashMap::new()))).collect();
+        Self { max_entries, max_bytes, shards }
+    }
+
+    fn shard(&self, scope: u64) -> MutexGuard<'_, ShareMap> {
+        // Every update is one assignment: a poisoned lock holds no half write.
+        self.shards[(scope % SHARDS as u64) as usize].lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn held(&self, scope: u64) -> Share {
+        self.shard(scope).get(&scope).copied().unwrap_or_default()
+    }
+
+    fn reserve(&self, scope: u64, entry: bool, bytes: usize) -> bool {
+        let mut shard = self.shard(scope);
+        let share = shard.entry(scope).or_default();
+        let entries = share.entries + usize::from(entry);
+        let fits = entries <= self.max_entries && share.bytes.checked_add(bytes).is_some_and(|b| b <= self.max_bytes);
+        if fits {
+            *share = Share { entries, bytes: share.bytes + bytes };
+        } else if share.entries == 0 && share.bytes == 0 {
+            shard.remove(&scope);
+        }
+        fits
+    }
+
+    fn unreserve(&self, scope: u64, entry: bool, bytes: usize) {
+        let mut shard = self.shard(scope);
+        if let Some(share) = shard.get_mut(&scope) {
+            share.entries = share.entries.saturating_sub(usize::from(entry));
+            share.bytes = share.bytes.saturating_sub(bytes);
+            if share.entries == 0 && share.bytes == 0 {
+                shard.remove(&scope);
+            }
+        }
+    }
+}
+
 struct Shard {
     entries: HashTable<Entry>,
     /// The last fencing token handed out here. A key always lands in the
@@ -96,6 +161,8 @@ struct Shard {
 pub(super) struct Entry {
     id: IdPrefix,
     expires_at: Micros,
+    /// The claim's scope tag: what eviction shares room by.
+    scope: u64,
     state: State,
 }
 
@@ -172,6 +239,53 @@ fn shard_index(hash: u64) -> usize {
     ((hash >> 32) as usize) % SHARDS
 }
 
+/// Which completed records a pass drops: per scope, the latest expiry it
+/// drops up to. Frees `to_free` (entries, bytes) one record at a time, each
+/// the one closest to expiry of the scope that holds the most (its share of
+/// the limit being freed, against `limits`; of both when both are).
+fn fair_cutoffs(
+    by_scope: HashMap<u64, Vec<(Micros, usize)>>,
+    to_free: (usize, usize),
+    limits: (usize, usize),
+) -> HashMap<u64, Micros> {
+    let ((entries_to_free, bytes_to_free), (max_entries, max_bytes)) = (to_free, limits);
+    // entries / max_entries against bytes / max_bytes, without division.
+    let weight = |entries: usize, bytes: usize| {
+        let by_entries = if entries_to_free > 0 { entries as u128 * max_bytes as u128 } else { 0 };
+        let by_bytes = if bytes_to_free > 0 { bytes as u128 * max_entries as u128 } else { 0 };
+        by_entries.max(by_bytes)
+    };
+    let mut heap = BinaryHeap::new();
+    // Per scope: its records closest to expiry first, the next to drop,
+    // and the bytes of those not dropped.
+    struct Held {
+        scope: u64,
+        records: Vec<(Micros, usize)>,
+        next: usize,
+        bytes: usize,
+    }
+    let mut scopes = Vec::with_capacity(by_scope.len());
+    for (scope, mut records) in by_scope {
+        records.sort_unstable();
+        let bytes = records.iter().map(|(_, size)| size).sum();
+        heap.push((weight(records.len(), bytes), scopes.len()));
+        scopes.push(Held { scope, records, next: 0, bytes });
+    }
+    let (mut freed_entries, mut freed_bytes, mut cutoffs) = (0, 0, HashMap::new());
+    while freed_entries < entries_to_free || freed_bytes < bytes_to_free {
+        let Some((_, index)) = heap.pop() else { break };
+        let held = &mut scopes[index];
+        let (expires_at, size) = held.records[held.next];
+        (held.next, held.bytes) = (held.next + 1, held.bytes - size);
+        (freed_entries, freed_bytes) = (freed_entries + 1, freed_bytes + size);
+        cutoffs.insert(held.scope, expires_at);
+        if held.next < held.records.len() {
+            heap.push((weight(held.records.len() - held.next, held.bytes), index));
+        }
+    }
+    cutoffs
+}
+
 impl Inner {
     /// Entries held, expired ones not yet reclaimed included.
     pub(super) fn len(&self) -> usize {
@@ -183,7 +297,8 @@ impl Inner {
         self.counts.bytes.load(Ordering::Relaxed)
     }
 
-    pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
+    /// `scope_limit`: the most entries and bytes one scope may hold.
+    pub(super) fn new(max_entries: usize, max_bytes: usize, scope_limit: Option<(usize, usize)>) -> Self {
         let random = RandomState::new();
         let owner_seed = random.hash_one(0u8);
         let hasher = IdHashing { seeds: [random.hash_one(1u8), random.hash_one(2u8) | 1] };
@@ -198,6 +313,7 @@ impl Inner {
             max_bytes,
             owner_seed,
             making_room: Mutex::new(()),
+            scopes: scope_limit.map(|(entries, bytes)| Shares::new(entries, bytes)),
             metrics: OnceLock::new(),
         }
     }
@@ -206,62 +322,102 @@ impl Inner {
         let _ = self.metrics.set(metrics.clone());
     }
 
-    /// Makes room for `bytes` more bytes, and one more entry if
-    /// `new_entry`: drops expired
-    /// records, then completed ones, closest to expiry first, never an
-    /// in-flight one. Drops a batch (a thirty-second of the limits) beyond
-    /// what is needed, so that a full store pays for the pass once per
-    /// batch of claims, not on each. Returns whether the room is there.
-    pub(super) fn make_room(&self, new_entry: bool, bytes: usize) -> bool {
+    pub(super) fn limits(&self) -> (usize, usize) {
+        (self.max_entries, self.max_bytes)
+    }
+
+    /// Makes room for `bytes` more bytes of `need.scope`, and one more
+    /// entry if `new_entry`, where there was none (`need`), and reserves it
+    /// for the caller; `false` when dropping every completed record it may
+    /// drop would not make it fit (and then it drops none).
+    ///
+    /// Drops expired records first, then completed ones, never in-flight
+    /// ones. In the store, fairly: the scope holding the most completed
+    /// records (entries or bytes, whichever limit was hit) gives way first,
+    /// closest to expiry first within it, so a flood evicts the flooder's
+    /// own records. In a scope's share: that scope's, closest to expiry
+    /// first. Drops a batch (a thirty-second of the limit hit) beyond what
+    /// is needed, so that a full store pays for the pass once per batch of
+    /// claims; what it frees is reserved under the pass's lock, so that
+    /// concurrent claims cannot leave its caller without room.
+    pub(super) fn make_room(&self, mut need: NoRoom, new_entry: bool, bytes: usize) -> bool {
         let _one_at_a_time = self.making_room.lock().unwrap_or_else(|poison| poison.into_inner());
         self.purge_all();
-        let entries = usize::from(new_entry);
-        let fits =
-            |inner: &Self| inner.len() + entries <= inner.max_entries && inner.bytes() + bytes <= inner.max_bytes;
-        if fits(self) {
-            return true;
+        loop {
+            match self.reserve(need.scope, new_entry, bytes) {
+                Ok(()) => return true,
+                Err(no_room) => need = no_room,
+            }
+            if self.drop_completed(need, new_entry, bytes) == 0 {
+                return false;
+            }
         }
-        let mut completed: Vec<(Micros, usize)> = Vec::new();
+    }
+
+    /// Drops completed records until `need` is met plus a batch (see
+    /// [`Self::make_room`]); how many it dropped.
+    fn drop_completed(&self, need: NoRoom, new_entry: bool, bytes: usize) -> u64 {
+        let (max_entries, max_bytes, held, reason) = match (&self.scopes, need.in_scope) {
+            (Some(shares), true) => {
+                (shares.max_entries, shares.max_bytes, shares.held(need.scope), EvictionReason::ScopeLimit)
+            }
+            _ => (
+                self.max_entries,
+                self.max_bytes,
+                Share { entries: self.len(), bytes: self.bytes() },
+                EvictionReason::StoreFull,
+            ),
+        };
+        let needed_entries = (held.entries + usize::from(new_entry)).saturating_sub(max_entries);
+        let needed_bytes = held.bytes.saturating_add(bytes).saturating_sub(max_bytes);
+        let mut by_scope: HashMap<u64, Vec<(Micros, usize)>> = HashMap::new();
         for shard in &*self.shards {
             let shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
-            let sizes = shard.entries.iter().filter(|entry| matches!(entry.state, State::Completed(_)));
-            completed.extend(sizes.map(|entry| (entry.expires_at, entry.size())));
-        }
-        let needed_entries = (self.len() + entries).saturating_sub(self.max_entries);
-        let needed_bytes = (self.bytes() + bytes).saturating_sub(self.max_bytes);
-        // What dropping every completed record would not make fit drops none.
-        if completed.len() < needed_entries || completed.iter().map(|(_, size)| size).sum::<usize>() < needed_bytes {
-            return false;
-        }
-        completed.sort_unstable();
-        let entries_to_free = needed_entries + self.max_entries / 32;
-        let bytes_to_free = needed_bytes + self.max_bytes / 32;
-        let (mut freed_entries, mut freed_bytes, mut cutoff) = (0, 0, None);
-        for (expires_at, size) in completed {
-            if freed_entries >= entries_to_free && freed_bytes >= bytes_to_free {
-                break;
+            let completed = shard.entries.iter().filter(|entry| {
+                matches!(entry.state, State::Completed(_)) && (!need.in_scope || entry.scope == need.scope)
+            });
+            for entry in completed {
+                by_scope.entry(entry.scope).or_default().push((entry.expires_at, entry.size()));
             }
-            (freed_entries, freed_bytes, cutoff) = (freed_entries + 1, freed_bytes + size, Some(expires_at));
         }
-        let Some(cutoff) = cutoff else { return false };
+        let count: usize = by_scope.values().map(Vec::len).sum();
+        let size: usize = by_scope.values().flatten().map(|(_, size)| size).sum();
+        // What dropping every completed record would not make fit drops none.
+        if count < needed_entries || size < needed_bytes {
+            return 0;
+        }
+        let to_free = |needed: usize, max: usize| if needed > 0 { needed.saturating_add(max / 32) } else { 0 };
+        let cutoffs = fair_cutoffs(
+            by_scope,
+            (to_free(needed_entries, max_entries), to_free(needed_bytes, max_bytes)),
+            (max_entries, max_bytes),
+        );
         let mut dropped = 0u64;
         for shard in &*self.shards {
             let mut shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
-            let droppable =
-                |entry: &mut Entry| entry.expires_at <= cutoff && matches!(entry.state, State::Completed(_));
+            let droppable = |entry: &mut Entry| {
+                matches!(entry.state, State::Completed(_))
+                    && cutoffs.get(&entry.scope).is_some_and(|&cutoff| entry.expires_at <= cutoff)
+            };
             for entry in shard.entries.extract_if(droppable) {
                 self.forget(entry);
                 dropped += 1;
             }
         }
         if let Some(metrics) = self.metrics.get() {
-            metrics.count_evictions(dropped);
+            metrics.count_evictions(reason, dropped);
         }
-        tracing::warn!(
-            dropped,
-            "the memory store is full: dropped the completed records closest to expiry; a retry of one of their keys runs again"
-        );
-        fits(self)
+        match reason {
+            EvictionReason::ScopeLimit => tracing::info!(
+                dropped,
+                "a scope is at the memory store's limit per scope: dropped its completed records closest to expiry"
+            ),
+            _ => tracing::warn!(
+                dropped,
+                "the memory store is full: dropped completed records of the callers holding the most; a retry of one of their keys runs again"
+            ),
+        }
+        dropped
     }
 
     fn now(&self) -> Micros {
@@ -303,8 +459,7 @@ impl Inner {
 
     /// Accounts for an entry taken out of its table.
     fn forget(&self, entry: Entry) {
-        self.counts.entries.fetch_sub(1, Ordering::Relaxed);
-        self.counts.bytes.fetch_sub(entry.size(), Ordering::Relaxed);
+        self.unreserve(entry.scope, true, entry.size());
         if let State::InFlight(in_flight) = entry.state
             && let Some(waiters) = in_flight.waiters
         {
@@ -312,36 +467,61 @@ impl Inner {
         }
     }
 
-    /// Reserves room for `delta` more bytes, or refuses.
-    fn reserve_bytes(&self, delta: usize) -> bool {
-        self.counts
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bytes| {
-                bytes.checked_add(delta).filter(|&total| total <= self.max_bytes)
-            })
-            .is_ok()
-    }
-
-    fn reserve_entry(&self) -> bool {
-        let reserved = self
-            .counts
-            .entries
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_entries).then_some(n + 1))
-            .is_ok();
-        if reserved && !self.reserve_bytes(IN_FLIGHT_SIZE) {
-            self.counts.entries.fetch_sub(1, Ordering::Relaxed);
-            return false;
+    /// Reserves room for `bytes` more bytes of `scope`, and one more entry
+    /// if `entry`, or refuses and says where there was none.
+    fn reserve(&self, scope: u64, entry: bool, bytes: usize) -> Result<(), NoRoom> {
+        if let Some(shares) = &self.scopes
+            && !shares.reserve(scope, entry, bytes)
+        {
+            return Err(NoRoom { scope, in_scope: true });
         }
-        reserved
+        let entry_reserved = !entry
+            || self
+                .counts
+                .entries
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < self.max_entries).then_some(n + 1))
+                .is_ok();
+        let bytes_reserved = entry_reserved
+            && self
+                .counts
+                .bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    held.checked_add(bytes).filter(|&total| total <= self.max_bytes)
+                })
+                .is_ok();
+        if bytes_reserved {
+            return Ok(());
+        }
+        if entry && entry_reserved {
+            self.counts.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(shares) = &self.scopes {
+            shares.unreserve(scope, entry, bytes);
+        }
+        Err(NoRoom { scope, in_scope: false })
     }
 
-    /// Moves the byte count from an entry's old size to its new one. Never
-    /// refuses: a claim's in-flight size is room it already holds.
-    fn resize(&self, old: usize, new: usize) {
-        if old > new {
-            self.counts.bytes.fetch_sub(old - new, Ordering::Relaxed);
+    /// Gives back room [`Self::reserve`] took.
+    pub(super) fn unreserve(&self, scope: u64, entry: bool, bytes: usize) {
+        if entry {
+            self.counts.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.counts.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Some(shares) = &self.scopes {
+            shares.unreserve(scope, entry, bytes);
+        }
+    }
+
+    /// Moves an entry of `scope` from `old` bytes to `new`, with `reserved`
+    /// bytes already reserved for it; refuses a growth with no room (the
+    /// reservation is then kept for the caller to give back or use).
+    fn resize(&self, scope: u64, old: usize, new: usize, reserved: usize) -> Result<(), NoRoom> {
+        let held = old + reserved;
+        if new > held {
+            self.reserve(scope, false, new - held)
         } else {
-            self.counts.bytes.fetch_add(new - old, Ordering::Relaxed);
+            self.unreserve(scope, false, held - new);
+            Ok(())
         }
     }
 
@@ -380,7 +560,20 @@ impl Inner {
         }
     }
 
-    pub(super) fn try_claim(&self, request: &ClaimRequest) -> Option<Result<Claim, StoreError>> {
+    /// Claims `request`'s record, or says where there was no room; with
+    /// `reserved`, a new entry's room (one entry, [`IN_FLIGHT_SIZE`]) was
+    /// reserved by [`Self::make_room`], and is used or given back.
+    pub(super) fn try_claim(
+        &self,
+        request: &ClaimRequest,
+        reserved: bool,
+    ) -> Result<Result<Claim, StoreError>, NoRoom> {
+        let scope = request.scope_tag();
+        let give_back = || {
+            if reserved {
+                self.unreserve(scope, true, IN_FLIGHT_SIZE);
+            }
+        };
         let now = self.now();
         let key = prefix(&request.id());
         let hash = self.hasher.hash(&key);
@@ -399,13 +592,15 @@ impl Inner {
         // One probe: a miss keeps its slot for the insert.
         let vacant = match entries.entry(hash, |entry| entry.id == key, |entry| self.hasher.hash(&entry.id)) {
             hash_table::Entry::Occupied(mut found) if found.get().expires_at > now => {
+                give_back();
                 let entry = found.get_mut();
-                return Some(Ok(match &entry.state {
+                return Ok(Ok(match &entry.state {
                     State::InFlight(in_flight) => Claim::InFlight { fingerprint: in_flight.fingerprint },
                     State::Completed(record) if !request.replace_completed() => Claim::Completed(hand_out(record)),
                     State::Completed(_) => {
+                        // A small record may be smaller than a claim's room.
+                        self.resize(entry.scope, entry.size(), IN_FLIGHT_SIZE, 0)?;
                         let lease = self.new_lease(fencing, hash);
-                        self.resize(entry.size(), IN_FLIGHT_SIZE);
                         entry.state = in_flight(lease);
                         // Sooner than the retention it had: it needs a slot.
                         entry.expires_at = after(now, request.lease());
@@ -421,36 +616,34 @@ impl Inner {
             }
             hash_table::Entry::Vacant(vacant) => vacant,
         };
-        if !self.reserve_entry() {
-            // Let the caller reclaim expired records without holding this
-            // shard's lock, then try once more.
-            return None;
+        if !reserved {
+            // On refusal the caller makes room without holding this shard's
+            // lock, then tries once more.
+            self.reserve(scope, true, IN_FLIGHT_SIZE)?;
         }
         let lease = self.new_lease(fencing, hash);
         let expires_at = after(now, request.lease());
-        vacant.insert(Entry { id: key, expires_at, state: in_flight(lease) });
+        vacant.insert(Entry { id: key, expires_at, scope, state: in_flight(lease) });
         expiries.push(expires_at, hash);
-        Some(Ok(Claim::Acquired(lease)))
+        Ok(Ok(Claim::Acquired(lease)))
     }
 
-    /// Completes the claim of `owner` with `record`, kept for `retention`;
-    /// hands the record back when it does not fit.
+    /// Completes the claim of `owner` with `record`, kept for `retention`,
+    /// with `reserved` bytes reserved for it by [`Self::make_room`]; hands
+    /// the record back, and says where, when it does not fit.
     pub(super) fn complete(
         &self,
         id: &RecordId,
         owner: OwnerToken,
         record: Record,
         retention: Duration,
-    ) -> Result<Result<(), Record>, StoreError> {
+        reserved: usize,
+    ) -> Result<Result<(), (Record, NoRoom)>, StoreError> {
         self.with_owned(id, owner, |inner, mut found, expiries, hash, now| {
             let size = ENTRY_OVERHEAD + record.encoded_len();
             let entry = found.get_mut();
-            let old = entry.size();
-            if size > old && !inner.reserve_bytes(size - old) {
-                return Ok(Err(record));
-            }
-            if size <= old {
-                inner.resize(old, size);
+            if let Err(no_room) = inner.resize(entry.scope, entry.size(), size, reserved) {
+                return Ok(Err((record, no_room)));
             }
             let expires_at = after(now, retention);
             let sooner = expires_at < entry.expires_at;
@@ -547,15 +740,15 @@ mod tests {
 
     fn claim(table: &Inner, n: u8) -> Lease {
         let request = ClaimRequest::new(id(n), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30));
-        match table.try_claim(&request) {
-            Some(Ok(Claim::Acquired(lease))) => lease,
+        match table.try_claim(&request, false) {
+            Ok(Ok(Claim::Acquired(lease))) => lease,
             _ => panic!("key {n} was not claimed"),
         }
     }
 
     #[test]
     fn owner_tokens_are_unique_across_shards_and_fencing_tokens_grow_per_key() {
-        let table = Inner::new(10_000, usize::MAX);
+        let table = Inner::new(10_000, usize::MAX, None);
         let leases: Vec<Lease> = (0..=255).map(|n| claim(&table, n)).collect();
         let owners: std::collections::HashSet<_> = leases.iter().map(Lease::owner).collect();
         let tokens: std::collections::HashSet<_> = leases.iter().map(Lease::fencing_token).collect();
@@ -568,7 +761,7 @@ mod tests {
 
     #[test]
     fn ids_that_differ_in_any_byte_spread_over_shards_and_buckets() {
-        let table = Inner::new(1, 1);
+        let table = Inner::new(1, 1, None);
         // An entry keeps, and its hash reads, the first 16 bytes of the id.
         for position in [0, 7, 8, 15] {
             let mut shards = std::collections::HashSet::new();

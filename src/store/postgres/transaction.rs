@@ -120,7 +120,7 @@ impl Drop for Session {
 ///
 /// # async fn run() {
 /// let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await.unwrap();
-/// let app: Router = Router::new().route("/charges", post(charge)).layer(IdempotencyLayer::postgres(pool));
+/// let app: Router = Router::new().route("/charges", post(charge).route_layer(IdempotencyLayer::postgres(pool)));
 /// # drop(app);
 /// # }
 /// ```
