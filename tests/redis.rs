@@ -1034,3 +1034,21 @@ async fn a_claim_is_a_transaction_and_leaves_its_token_to_its_owner() {
     }
     store.release(&id, lease.owner()).await.unwrap();
 }
+
+/// An error inside the claim's `EXEC` (here the fencing counter holds no
+/// integer) comes after `SET … NX GET` may have run: the claim is given
+/// back, not left holding the key for a lease on nobody's behalf.
+#[tokio::test]
+async fn a_claim_whose_transaction_fails_inside_exec_leaves_the_key_free() {
+    let server = RedisServer::start();
+    let store = RedisStore::new(server.pool());
+    let id = tower_idempotency::RecordId::from_bytes([0x42; 32]);
+    let key = store.record_key(&id);
+    let fence = format!("{}:fence", key.rsplit_once(':').unwrap().0);
+    server.command(&["SET", &fence, "not-a-number"]);
+    let request = ClaimRequest::new(id, tower_idempotency::Fingerprint::from_bytes([1; 32]), Duration::from_secs(30));
+    assert!(store.claim(request).await.is_err(), "a claim without a fencing token must fail");
+    assert_eq!(server.command(&["EXISTS", &key]).trim(), ":0", "the failed claim still holds the key");
+    server.command(&["DEL", &fence]);
+    assert!(matches!(store.claim(request).await, Ok(Claim::Acquired(_))));
+}

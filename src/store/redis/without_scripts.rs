@@ -47,8 +47,15 @@ impl<P: RedisPool> RedisStore<P> {
         let sent = self.send(request, &key, replicate).await;
         let (reply, replicated) = match sent {
             Ok((Ok(reply), replicated)) => (reply, replicated),
-            // The server refused the command: it wrote nothing.
-            Ok((Err(error), _)) => return Err(StoreError::unavailable(error)),
+            Ok((Err(error), _)) => {
+                // A lone command refused, or `EXECABORT` (a command refused
+                // while queued), wrote nothing; any other error of a
+                // transaction came after its `SET … NX GET` may have run.
+                if fencing && error.kind() != ErrorKind::Server(ServerErrorKind::ExecAbort) {
+                    let _ = self.release(&id, owner).await;
+                }
+                return Err(StoreError::unavailable(error));
+            }
             Err(error) => {
                 // It may have landed all the same: give it back.
                 let _ = self.release(&id, owner).await;
