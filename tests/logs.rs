@@ -93,3 +93,62 @@ async fn a_redis_that_may_evict_records_is_warned_about_on_connecting() {
     let logs = logs.text();
     assert!(logs.contains("WARN") && logs.contains("maxmemory-policy") && logs.contains("volatile-lru"), "{logs}");
 }
+
+/// A healthy storm: `keys` keys, each sent by `duplicates` at once that
+/// wait for the first; every tenth key's handler fails (500, not stored),
+/// so its claim is given back and a waiting duplicate takes the key over.
+/// Nothing in it calls for an operator: it must log no warning.
+async fn healthy_storm_logs_no_warning<St: tower_idempotency::Store + Clone>(
+    layer: IdempotencyLayer<St>,
+    keys: usize,
+    duplicates: usize,
+) {
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let layer = layer.with_in_flight(tower_idempotency::InFlightPolicy::Wait(std::time::Duration::from_secs(20)));
+    let (app, calls) = counted(&layer, |_, request: HandlerRequest| async move {
+        let failing = request.headers()["idempotency-key"].to_str().unwrap().ends_with('0');
+        tokio::task::yield_now().await;
+        if failing { respond(500, "try again") } else { respond(201, "charged") }
+    });
+    let names: Vec<&'static str> = (0..keys).map(|n| &*Box::leak(format!("storm-{n}").into_boxed_str())).collect();
+    let requests = names.iter().flat_map(|&key| (0..duplicates).map(move |_| key)).map(|key| {
+        let app = app.clone();
+        async move { send(&app, post(Some(key), "a")).await.status }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|&status| status == 201 || status == 500), "{statuses:?}");
+    // One run per key that succeeds; the failing keys run once per duplicate.
+    let failing = keys.div_ceil(10);
+    assert_eq!(calls.get(), keys - failing + failing * duplicates);
+    let logs = logs.text();
+    assert!(!logs.contains("WARN"), "a healthy storm logged warnings:\n{logs}");
+}
+
+#[tokio::test]
+async fn a_healthy_storm_on_the_memory_store_logs_no_warning() {
+    healthy_storm_logs_no_warning(IdempotencyLayer::memory(), 30, 4).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_healthy_storm_on_redis_logs_no_warning() {
+    let server = common::redis::RedisServer::start();
+    healthy_storm_logs_no_warning(IdempotencyLayer::redis(server.pool()), 30, 4).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_healthy_storm_on_postgresql_logs_no_warning() {
+    let database = common::postgres::TestDatabase::create().await;
+    // Each request in flight or waiting holds a connection: a pool for all.
+    let pool = tower_idempotency::store::postgres::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(24)
+        .connect(&database.url())
+        .await
+        .unwrap();
+    let plain = tower_idempotency::store::postgres::PostgresStore::new(pool.clone());
+    plain.migrate().await.unwrap();
+    healthy_storm_logs_no_warning(IdempotencyLayer::postgres(pool.clone()), 10, 2).await;
+    healthy_storm_logs_no_warning(IdempotencyLayer::new(plain).with_namespace("plain"), 10, 2).await;
+    pool.close().await;
+}

@@ -1052,3 +1052,138 @@ async fn a_claim_whose_transaction_fails_inside_exec_leaves_the_key_free() {
     server.command(&["DEL", &fence]);
     assert!(matches!(store.claim(request).await, Ok(Claim::Acquired(_))));
 }
+
+/// Same-length replacements: (to the server, to the client).
+type Rules = (Vec<(Vec<u8>, Vec<u8>)>, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// A TCP proxy in front of a server that rewrites bytes on their way, each
+/// rule one same-length replacement (so RESP lengths stay right), while
+/// its rules are on; `cut` closes every connection made so far.
+struct RewritingProxy {
+    port: u16,
+    rules: Arc<Mutex<Rules>>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl RewritingProxy {
+    async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let rules: Arc<Mutex<Rules>> = Arc::default();
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (shared, tasks) = (rules.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let mut tasks = tasks.lock().unwrap();
+                tasks.push(tokio::spawn(rewrite(client_read, server_write, shared.clone(), true)));
+                tasks.push(tokio::spawn(rewrite(server_read, client_write, shared.clone(), false)));
+            }
+        });
+        Self { port, rules, connections }
+    }
+
+    fn rewrite(&self, to_server: &[(&str, &str)], to_client: &[(&str, &str)]) {
+        let owned = |rules: &[(&str, &str)]| {
+            rules.iter().map(|(from, to)| (from.as_bytes().to_vec(), to.as_bytes().to_vec())).collect()
+        };
+        *self.rules.lock().unwrap() = (owned(to_server), owned(to_client));
+    }
+
+    fn cut(&self) {
+        self.connections.lock().unwrap().drain(..).for_each(|task| task.abort());
+    }
+
+    fn pool(&self) -> deadpool_redis::Pool {
+        deadpool_redis::Config::from_url(format!("redis://127.0.0.1:{}", self.port))
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .unwrap()
+    }
+}
+
+async fn rewrite(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rules: Arc<Mutex<Rules>>,
+    to_server: bool,
+) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        {
+            let rules = rules.lock().unwrap();
+            let rules = if to_server { &rules.0 } else { &rules.1 };
+            for (pattern, replacement) in rules {
+                let mut at = 0;
+                while let Some(found) = buffer[at..n].windows(pattern.len()).position(|window| window == &pattern[..]) {
+                    buffer[at + found..at + found + pattern.len()].copy_from_slice(replacement);
+                    at += found + pattern.len();
+                }
+            }
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A server that reports a version before 7.0 refuses `SET … NX GET`:
+/// the store learns the version on connecting and claims with the claim
+/// script instead, and a request still runs once and replays.
+#[tokio::test]
+async fn on_a_server_older_than_7_claims_run_the_claim_script() {
+    let server = RedisServer::start();
+    let proxy = RewritingProxy::start(server.port).await;
+    // Redis 6.2's INFO, as far as the store reads it (same length).
+    proxy.rewrite(&[], &[("redis_version:7", "redis_version:6"), ("redis_version:8", "redis_version:6")]);
+    let layer = IdempotencyLayer::redis(proxy.pool());
+    layer.check().await.unwrap();
+    let (app, calls) = counting(&layer);
+    let transactions = || server.calls("multi");
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    let before = (transactions(), scripts());
+    assert_eq!(send(&app, post(KEY, "a")).await.status, 201);
+    assert!(send(&app, post(KEY, "a")).await.replayed());
+    assert_eq!(calls.get(), 1);
+    assert_eq!(transactions(), before.0, "a claim sent SET NX GET in a transaction");
+    assert!(scripts() >= before.1 + 2, "both claims run the claim script");
+}
+
+/// Whether the server takes `SET … IFEQ` is learned per connection: a
+/// server that refused it once (here through a proxy that spoils the
+/// option) is asked again after the store reconnects, to a server that
+/// takes it (an upgrade, a failover).
+#[tokio::test]
+async fn set_ifeq_is_tried_again_on_a_new_connection() {
+    let server = RedisServer::start();
+    if !takes_ifeq(&server) {
+        eprintln!("this server takes no SET IFEQ: nothing to show");
+        return;
+    }
+    let proxy = RewritingProxy::start(server.port).await;
+    proxy.rewrite(&[("$4\r\nIFEQ\r\n", "$4\r\nIFXQ\r\n")], &[]);
+    let layer = IdempotencyLayer::redis(proxy.pool());
+    let (app, _) = counting(&layer);
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    assert_eq!(send(&app, post(Some("before"), "a")).await.status, 201);
+    assert!(server.calls("set") >= 1);
+    proxy.rewrite(&[], &[]);
+    proxy.cut();
+    // The first call after the cut finds the connection broken.
+    for n in 0..20 {
+        if send(&app, post(Some(Box::leak(format!("reconnect-{n}").into_boxed_str())), "a")).await.status == 201 {
+            break;
+        }
+    }
+    let before = scripts();
+    for n in 0..3 {
+        let key: &'static str = Box::leak(format!("after-{n}").into_boxed_str());
+        assert_eq!(send(&app, post(Some(key), "a")).await.status, 201);
+    }
+    assert_eq!(scripts(), before, "completions on the new connection ran scripts: IFEQ was never asked again");
+}

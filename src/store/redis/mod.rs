@@ -26,9 +26,11 @@
 //! command instead: the owner knows the in-flight value it wrote byte for
 //! byte, so `IFEQ` is the owner check. When the value changed (a waiter
 //! counted itself in it, the lease ran out) the script decides as before.
-//! The first completion finds out whether the server takes `IFEQ` (a server
-//! without it refuses the syntax and changes nothing); a store that learned
-//! it does not sends scripts from then on. Leases and retention are Redis
+//! The first completion on a connection finds out whether the server takes
+//! `IFEQ` (a server without it refuses the syntax and changes nothing);
+//! after a refusal the store sends scripts until it reconnects. A server
+//! older than 7.0 (by the `redis_version` of its `INFO`, read on every new
+//! connection) refuses `SET … NX GET`: claims there run the claim script. Leases and retention are Redis
 //! TTLs: a dead process's claim frees itself with no sweeper.
 //!
 //! Fencing tokens come from one `INCR` counter per hash slot,
@@ -68,10 +70,7 @@ mod without_scripts;
 use std::{
     collections::HashMap,
     fmt,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU8, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
     time::Duration,
 };
 
@@ -80,7 +79,7 @@ use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use self::{
     keys::{Key, KeyKind},
-    pool::{RedisResult, Replicate, Replicated, Request, SharedConnection},
+    pool::{CLAIMS_SCRIPT, CLAIMS_UNKNOWN, RedisResult, Replicate, Replicated, Request, SharedConnection},
     script::{CLAIM, COMPLETE, RELEASE, RENEW, Script},
     value::{IN_FLIGHT, found, parse_in_flight},
     waiters::Waiters,
@@ -123,9 +122,6 @@ struct Inner {
     replicas: Option<(u32, Duration)>,
     owners: OwnerTokens,
     waiters: Waiters,
-    /// Whether the server takes `SET … IFEQ`: [`IFEQ_UNKNOWN`] until the
-    /// first completion tries it.
-    ifeq: AtomicU8,
     /// The token each in-flight value of this store's claims carries (`None`
     /// but for a scripted take-over), by owner, while the server may take
     /// `SET … IFEQ`: with it a completion knows its in-flight value byte for
@@ -141,18 +137,7 @@ const MAX_REMEMBERED_TOKENS: usize = 100_000;
 
 impl Inner {
     fn with(prefix: String, replicas: Option<(u32, Duration)>) -> Self {
-        Self {
-            prefix,
-            replicas,
-            owners: OwnerTokens::new(),
-            waiters: Waiters::default(),
-            ifeq: AtomicU8::new(IFEQ_UNKNOWN),
-            tokens: Mutex::default(),
-        }
-    }
-
-    fn ifeq(&self) -> bool {
-        self.ifeq.load(Ordering::Relaxed) != IFEQ_NO
+        Self { prefix, replicas, owners: OwnerTokens::new(), waiters: Waiters::default(), tokens: Mutex::default() }
     }
 
     fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<OwnerToken, Option<u64>>> {
@@ -162,8 +147,8 @@ impl Inner {
 
     /// The token kept for a claim of `owner`, no longer kept: `None` when
     /// none was (the server takes no `IFEQ`, or it was forgotten).
-    fn take_token(&self, owner: OwnerToken) -> Option<Option<u64>> {
-        if !self.ifeq() {
+    fn take_token(&self, owner: OwnerToken, ifeq: bool) -> Option<Option<u64>> {
+        if !ifeq {
             return None;
         }
         self.tokens().remove(&owner)
@@ -171,8 +156,8 @@ impl Inner {
 
     /// Keeps the token of a claim of `owner` for its completion's `IFEQ`,
     /// while the server may take it.
-    fn remember_token(&self, owner: OwnerToken, token: Option<u64>) {
-        if !self.ifeq() {
+    fn remember_token(&self, owner: OwnerToken, token: Option<u64>, ifeq: bool) {
+        if !ifeq {
             return;
         }
         let mut tokens = self.tokens();
@@ -311,6 +296,20 @@ impl<P: RedisPool> RedisStore<P> {
         Key::new(&self.inner.prefix, id, kind)
     }
 
+    /// Whether completions may try `SET … IFEQ` on the current connection.
+    fn ifeq(&self) -> bool {
+        self.connection.facts().ifeq.load(Ordering::Relaxed) != IFEQ_NO
+    }
+
+    /// Whether claims run the claim script (a server older than 7.0),
+    /// connecting first if no connection has told yet.
+    async fn claims_by_script(&self) -> Result<bool, StoreError> {
+        if self.connection.facts().claims() == CLAIMS_UNKNOWN {
+            self.connection.get(&self.pool).await?;
+        }
+        Ok(self.connection.facts().claims() == CLAIMS_SCRIPT)
+    }
+
     fn next_owner(&self) -> OwnerToken {
         self.inner.owners.next()
     }
@@ -387,7 +386,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
         let id = request.id();
         let owner = self.next_owner();
-        if !request.replace_completed() {
+        if !request.replace_completed() && !self.claims_by_script().await? {
             // Boxed: see BENCHMARKS.md, "Future sizes".
             return Box::pin(self.claim_without_script(request, owner)).await;
         }
@@ -414,7 +413,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
             Value::Int(token) => {
                 let token = u64::try_from(token).map_err(|_| unexpected(&value))?;
                 let lease = Lease::new(owner, FencingToken::new(token));
-                self.inner.remember_token(owner, Some(token));
+                self.inner.remember_token(owner, Some(token), self.ifeq());
                 if let Err(error) = replicated {
                     // Not durable enough to run on: give the claim back.
                     // Boxed: see BENCHMARKS.md, "Future sizes".
@@ -437,7 +436,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
     ) -> Result<(), StoreError> {
         let encoded = record.encode();
         let retention = millis(retention);
-        let token = self.inner.take_token(owner);
+        let token = self.inner.take_token(owner, self.ifeq());
         if let Some(token) = token
             && let Some(done) = self.complete_if_equal(id, owner, token, &record, &encoded, &retention).await?
         {
@@ -458,7 +457,7 @@ impl<P: RedisPool> Store for RedisStore<P> {
     }
 
     async fn release(&self, id: &RecordId, owner: OwnerToken) -> Result<(), StoreError> {
-        self.inner.take_token(owner);
+        self.inner.take_token(owner, self.ifeq());
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
         self.owned(&RELEASE, &keys, &[&owner_bytes(owner)], Replicate::Never).await

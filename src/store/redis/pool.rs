@@ -2,13 +2,19 @@
 //! that its calls share.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
     time::Duration,
 };
 
 use redis::{Cmd, Pipeline, RedisError, Value, aio::ConnectionLike};
 
-use super::keys::{Key, slot_of};
+use super::{
+    IFEQ_UNKNOWN,
+    keys::{Key, slot_of},
+};
 use crate::store::StoreError;
 
 mod sealed {
@@ -159,6 +165,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// of the pool spares each call deadpool's health-check `PING`.
 pub(super) struct SharedConnection<P: RedisPool> {
     cached: Arc<Mutex<Option<P::Shared>>>,
+    /// What the server behind the current connection can do.
+    facts: Arc<ServerFacts>,
     /// Idle connections for calls that wait for replicas (see
     /// [`SharedConnection::send`]).
     spare: Arc<Mutex<Vec<P::Shared>>>,
@@ -169,24 +177,60 @@ pub(super) struct SharedConnection<P: RedisPool> {
 
 impl<P: RedisPool> Clone for SharedConnection<P> {
     fn clone(&self) -> Self {
-        Self { cached: self.cached.clone(), spare: self.spare.clone(), connecting: self.connecting.clone() }
+        Self {
+            cached: self.cached.clone(),
+            facts: self.facts.clone(),
+            spare: self.spare.clone(),
+            connecting: self.connecting.clone(),
+        }
     }
 }
 
 impl<P: RedisPool> Default for SharedConnection<P> {
     fn default() -> Self {
-        Self { cached: Arc::default(), spare: Arc::default(), connecting: Arc::default() }
+        Self { cached: Arc::default(), facts: Arc::default(), spare: Arc::default(), connecting: Arc::default() }
+    }
+}
+
+/// What the connected server can do, learned again on every (re)connect, so
+/// that a failover to a server of another version, or an upgrade, is seen.
+#[derive(Default)]
+pub(super) struct ServerFacts {
+    /// How claims are sent: [`CLAIMS_UNKNOWN`] until connected.
+    claims: AtomicU8,
+    /// Whether the server takes `SET … IFEQ`: [`IFEQ_UNKNOWN`] until a
+    /// completion tries it on this connection.
+    pub(super) ifeq: AtomicU8,
+}
+
+pub(super) const CLAIMS_UNKNOWN: u8 = 0;
+/// `MULTI`, `INCR`, `SET … NX GET`, `EXEC`: Redis 7.0 and later.
+pub(super) const CLAIMS_TRANSACTION: u8 = 1;
+/// The claim script: servers older than 7.0 refuse `SET` with both `NX`
+/// and `GET`.
+pub(super) const CLAIMS_SCRIPT: u8 = 2;
+
+/// The oldest server version that takes `SET … NX GET`.
+const NX_GET_SINCE: (u32, u32) = (7, 0);
+
+impl ServerFacts {
+    pub(super) fn claims(&self) -> u8 {
+        self.claims.load(Ordering::Relaxed)
     }
 }
 
 impl<P: RedisPool> SharedConnection<P> {
     /// The connection, from `pool` the first time and after a failure.
-    async fn get(&self, pool: &P) -> Result<P::Shared, StoreError> {
+    pub(super) async fn get(&self, pool: &P) -> Result<P::Shared, StoreError> {
         match self.cached() {
             Some(connection) => Ok(connection),
             // Boxed: see BENCHMARKS.md, "Future sizes".
             None => Box::pin(self.connect(pool)).await,
         }
+    }
+
+    pub(super) fn facts(&self) -> &ServerFacts {
+        &self.facts
     }
 
     fn cached(&self) -> Option<P::Shared> {
@@ -201,7 +245,7 @@ impl<P: RedisPool> SharedConnection<P> {
             return Ok(connection);
         }
         let mut connection = pool.shared().await?;
-        warn_unless_noeviction(&mut connection).await;
+        learn(&mut connection, &self.facts).await;
         *self.cached.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(connection.clone());
         Ok(connection)
     }
@@ -375,36 +419,66 @@ pub(super) type RedisResult = Result<Value, RedisError>;
 /// Whether enough replicas acknowledged a write.
 pub(super) type Replicated = Result<(), StoreError>;
 
-/// Warns when Redis may evict keys under memory pressure: an evicted
-/// in-flight or completed record lets a retry run the request again. Read
-/// with `INFO`, which works where `CONFIG` is disabled (managed Redis).
-async fn warn_unless_noeviction(connection: &mut impl ConnectionLike) {
-    let Ok(info) = redis::cmd("INFO").arg("memory").query_async::<Value>(connection).await else { return };
-    let mut policies = Vec::new();
-    collect_policies(&info, &mut policies);
-    for policy in policies.into_iter().filter(|policy| policy != "noeviction") {
-        tracing::warn!(
-            policy,
-            "Redis runs with maxmemory-policy {policy}: under memory pressure it may evict idempotency records, \
-             and a retry of an evicted key runs again; set maxmemory-policy noeviction"
+/// Reads what a newly connected server is (`INFO`, which works where
+/// `CONFIG` is disabled, as on managed Redis; one reply per node from a
+/// cluster): its version decides how claims are sent, and a
+/// `maxmemory-policy` that may evict keys is warned about (an evicted
+/// in-flight or completed record lets a retry run the request again).
+async fn learn(connection: &mut impl ConnectionLike, facts: &ServerFacts) {
+    facts.ifeq.store(IFEQ_UNKNOWN, Ordering::Relaxed);
+    let info = match redis::cmd("INFO").query_async::<Value>(connection).await {
+        Ok(info) => info,
+        Err(error) => {
+            // No `INFO` (an ACL, a proxy): a current server is assumed.
+            tracing::debug!(%error, "INFO refused: claims are sent as for Redis 7.0 and later");
+            facts.claims.store(CLAIMS_TRANSACTION, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut texts = Vec::new();
+    collect_texts(&info, &mut texts);
+    let field = |text: &str, name: &str| {
+        text.lines().find_map(|line| line.strip_prefix(name)).map(|value| value.trim().to_owned())
+    };
+    for policy in texts.iter().filter_map(|text| field(text, "maxmemory_policy:")) {
+        if policy != "noeviction" {
+            tracing::warn!(
+                policy,
+                "Redis runs with maxmemory-policy {policy}: under memory pressure it may evict idempotency records, \
+                 and a retry of an evicted key runs again; set maxmemory-policy noeviction"
+            );
+        }
+    }
+    let oldest =
+        texts.iter().filter_map(|text| field(text, "redis_version:")).min_by_key(|version| parse_version(version));
+    let by_script = oldest.as_deref().is_some_and(|version| parse_version(version) < NX_GET_SINCE);
+    if by_script {
+        tracing::info!(
+            version = oldest.as_deref().unwrap_or_default(),
+            "the Redis server predates 7.0 (no SET NX GET): claims run the claim script, one more script call's CPU each"
         );
+    }
+    facts.claims.store(if by_script { CLAIMS_SCRIPT } else { CLAIMS_TRANSACTION }, Ordering::Relaxed);
+}
+
+/// `major.minor` of a version string; (0, 0) for one that does not parse,
+/// which counts as old: the claim script works on every version.
+fn parse_version(version: &str) -> (u32, u32) {
+    let mut parts = version.split('.').map(|part| part.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor),
+        _ => (0, 0),
     }
 }
 
-/// The `maxmemory_policy` values in an `INFO` reply: one string, or one per
-/// node from a cluster.
-fn collect_policies(value: &Value, out: &mut Vec<String>) {
+/// The texts of an `INFO` reply: one string, or one per node from a
+/// cluster.
+fn collect_texts(value: &Value, out: &mut Vec<String>) {
     match value {
-        Value::BulkString(bytes) => {
-            let text = String::from_utf8_lossy(bytes);
-            let policy = text.lines().find_map(|line| line.strip_prefix("maxmemory_policy:"));
-            out.extend(policy.map(|policy| policy.trim().to_owned()));
-        }
-        Value::VerbatimString { text, .. } | Value::SimpleString(text) => {
-            collect_policies(&Value::BulkString(text.clone().into_bytes()), out)
-        }
-        Value::Array(values) | Value::Set(values) => values.iter().for_each(|value| collect_policies(value, out)),
-        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_policies(value, out)),
+        Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => out.push(text.clone()),
+        Value::Array(values) | Value::Set(values) => values.iter().for_each(|value| collect_texts(value, out)),
+        Value::Map(pairs) => pairs.iter().for_each(|(_, value)| collect_texts(value, out)),
         _ => {}
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::{
-    IFEQ_NO, IFEQ_YES, RedisPool, RedisStore, Replicate, Request,
+    IFEQ_NO, IFEQ_UNKNOWN, IFEQ_YES, RedisPool, RedisStore, Replicate, Request,
     keys::KeyKind,
     millis, unexpected,
     value::{found, in_flight_value},
@@ -86,7 +86,7 @@ impl<P: RedisPool> RedisStore<P> {
                     let _ = self.release(&id, owner).await;
                     return Err(error);
                 }
-                self.inner.remember_token(owner, None);
+                self.inner.remember_token(owner, None, self.ifeq());
                 Ok(Claim::Acquired(Lease::new(owner, FencingToken::new(token))))
             }
             Value::BulkString(value) => found(value),
@@ -113,18 +113,26 @@ impl<P: RedisPool> RedisStore<P> {
         let mut set = Cmd::with_capacity(7, key.len() + encoded.len() + in_flight.len() + retention.len() + 12);
         set.arg("SET").arg(key).arg(encoded).arg("IFEQ").arg(&in_flight[..]).arg("PX").arg(retention);
         let (reply, replicated) = self.command(set, &key, Replicate::Always).await?;
+        let ifeq = &self.connection.facts().ifeq;
+        // Known from an answer, on this connection; a "yes" never undoes a
+        // "no" (a cluster of mixed versions settles on scripts until it
+        // reconnects, rather than trying `IFEQ` on every completion).
+        let takes_ifeq = || {
+            let _ = ifeq.compare_exchange(IFEQ_UNKNOWN, IFEQ_YES, Ordering::Relaxed, Ordering::Relaxed);
+        };
         match reply {
             Ok(Value::Okay) => {
-                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                takes_ifeq();
                 Ok(Some(replicated))
             }
             Ok(Value::Nil) => {
-                self.inner.ifeq.store(IFEQ_YES, Ordering::Relaxed);
+                takes_ifeq();
                 Ok(None)
             }
-            // A server without `IFEQ` refuses the syntax, and changes nothing.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
-                if self.inner.ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
+            // A server without `IFEQ` refuses its syntax, and changes nothing;
+            // any other refusal (out of memory, say) says nothing of `IFEQ`.
+            Err(error) if refuses_syntax(&error) => {
+                if ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
                     tracing::debug!(%error, "the Redis server does not take SET IFEQ: completions run a script");
                 }
                 self.inner.tokens().clear();
@@ -134,4 +142,11 @@ impl<P: RedisPool> RedisStore<P> {
             Ok(other) => Err(unexpected(&other)),
         }
     }
+}
+
+/// Whether `error` is a server's refusal of a command's syntax (`ERR syntax
+/// error`, what servers without `SET … IFEQ` answer it).
+fn refuses_syntax(error: &redis::RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && error.detail().is_some_and(|detail| detail.to_ascii_lowercase().contains("syntax"))
 }
