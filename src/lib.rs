@@ -54,6 +54,7 @@
 //! | finished key whose response was not stored (too large, body failed) | 410 `response-not-stored` |
 //! | memory store full | completed records of the scope holding the most dropped, closest to expiry first ([`Outcome::Evicted`], per [`EvictionReason`]) |
 //! | store down or slow, [`FailureMode::FailClosed`] | 503 `store-unavailable` + `Retry-After`, nothing runs |
+//! | store slow while every connection of its pool is busy (PostgreSQL), `FailClosed` | 503 `pool-exhausted` + `Retry-After`, nothing runs ([`Outcome::PoolExhausted`]) |
 //! | memory store full of in-flight records | 503 `store-full` + `Retry-After`, nothing runs |
 //! | store down or slow, [`FailureMode::FailOpen`] | runs unguarded, counted |
 //! | inner service panics | 500 `handler-panicked`, key released |

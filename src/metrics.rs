@@ -47,6 +47,10 @@ pub enum Outcome {
     /// room in a full memory store (counted per record): a retry of its key
     /// runs again.
     Evicted,
+    /// The store did not answer in time while every connection of its pool
+    /// was busy: 503 `pool-exhausted`, nothing ran. Size the pool for the
+    /// requests in flight.
+    PoolExhausted,
 }
 
 impl Outcome {
@@ -68,6 +72,7 @@ impl Outcome {
         Self::StaleOwner,
         Self::StoreFull,
         Self::Evicted,
+        Self::PoolExhausted,
     ];
 
     /// A stable snake-case name, for metric labels.
@@ -89,6 +94,7 @@ impl Outcome {
             Self::StaleOwner => "stale_owner",
             Self::StoreFull => "store_full",
             Self::Evicted => "evicted",
+            Self::PoolExhausted => "pool_exhausted",
         }
     }
 
@@ -140,7 +146,7 @@ impl EvictionReason {
     }
 }
 
-const COUNTERS: usize = 10;
+const COUNTERS: usize = 11;
 const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 
 /// Counters per [`Outcome`], shared by a layer and every service it made.
@@ -210,6 +216,14 @@ impl Metrics {
         if matches!(error, StoreError::NotOwner) {
             self.count(Outcome::StaleOwner);
             tracing::warn!(call, key = %id, "lease ran out before {call}: another request may own the key");
+        } else if let StoreError::PoolExhausted { size } = error {
+            self.count(Outcome::PoolExhausted);
+            tracing::warn!(
+                call,
+                key = %id,
+                size,
+                "all {size} connections of the idempotency store's pool are busy: size the pool for the requests in flight"
+            );
         } else {
             self.count(Outcome::StoreError);
             tracing::warn!(call, key = %id, %error, "idempotency store call failed");
@@ -225,6 +239,7 @@ fn rejection_outcome(kind: RejectionKind) -> Option<Outcome> {
         RejectionKind::InFlight | RejectionKind::InFlightAccepted => Some(Outcome::InFlight),
         RejectionKind::StoreFull => Some(Outcome::StoreFull),
         RejectionKind::StoreUnavailable
+        | RejectionKind::PoolExhausted { .. }
         | RejectionKind::HandlerPanicked
         | RejectionKind::NotCommitted
         | RejectionKind::CommitUnknown => None,
@@ -236,6 +251,7 @@ fn rejection_outcome(kind: RejectionKind) -> Option<Outcome> {
 pub(crate) fn rejection_label(kind: RejectionKind) -> &'static str {
     match kind {
         RejectionKind::StoreUnavailable => Outcome::StoreError.as_str(),
+        RejectionKind::PoolExhausted { .. } => Outcome::PoolExhausted.as_str(),
         RejectionKind::HandlerPanicked | RejectionKind::NotCommitted | RejectionKind::CommitUnknown => {
             Outcome::Executed.as_str()
         }

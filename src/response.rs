@@ -26,6 +26,7 @@ use crate::{IdempotencyKey, KeyError, NotStored, ResponseBody};
 /// | `ResponseNotStored` | 410 | `FAILED_PRECONDITION` (9) |
 /// | `StoreUnavailable` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 /// | `StoreFull` | 503 + `Retry-After` | `RESOURCE_EXHAUSTED` (8) |
+/// | `PoolExhausted` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 /// | `HandlerPanicked` | 500 | `INTERNAL` (13) |
 /// | `NotCommitted` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
 /// | `CommitUnknown` | 503 + `Retry-After` | `UNAVAILABLE` (14) |
@@ -67,6 +68,12 @@ pub enum RejectionKind {
     /// The store answered but has no room for a new key (a memory store
     /// full of in-flight records); nothing ran.
     StoreFull,
+    /// The store did not answer in time while all its pool's connections
+    /// were busy with other requests; nothing ran.
+    PoolExhausted {
+        /// The pool's size.
+        size: u32,
+    },
     /// The inner service panicked; its claim was released.
     HandlerPanicked,
     /// The request's database transaction did not commit (a transactional
@@ -97,9 +104,11 @@ impl RejectionKind {
             Self::InFlight | Self::KeyAlreadyUsed => StatusCode::CONFLICT,
             Self::InFlightAccepted => StatusCode::ACCEPTED,
             Self::ResponseNotStored(_) => StatusCode::GONE,
-            Self::StoreUnavailable | Self::StoreFull | Self::NotCommitted | Self::CommitUnknown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::StoreUnavailable
+            | Self::StoreFull
+            | Self::PoolExhausted { .. }
+            | Self::NotCommitted
+            | Self::CommitUnknown => StatusCode::SERVICE_UNAVAILABLE,
             Self::HandlerPanicked => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,7 +129,7 @@ impl RejectionKind {
             Self::InFlight | Self::InFlightAccepted => 10,
             Self::KeyAlreadyUsed => 6,
             Self::ResponseNotStored(_) => 9,
-            Self::StoreUnavailable | Self::NotCommitted | Self::CommitUnknown => 14,
+            Self::StoreUnavailable | Self::PoolExhausted { .. } | Self::NotCommitted | Self::CommitUnknown => 14,
             Self::StoreFull => 8,
             Self::HandlerPanicked => 13,
         }
@@ -148,6 +157,7 @@ impl RejectionKind {
             Self::ResponseNotStored(_) => "urn:tower-idempotency:problem:response-not-stored",
             Self::StoreUnavailable => "urn:tower-idempotency:problem:store-unavailable",
             Self::StoreFull => "urn:tower-idempotency:problem:store-full",
+            Self::PoolExhausted { .. } => "urn:tower-idempotency:problem:pool-exhausted",
             Self::HandlerPanicked => "urn:tower-idempotency:problem:handler-panicked",
             Self::NotCommitted => "urn:tower-idempotency:problem:not-committed",
             Self::CommitUnknown => "urn:tower-idempotency:problem:commit-unknown",
@@ -176,6 +186,7 @@ impl RejectionKind {
             Self::ResponseNotStored(_) => "The response for this idempotency key was not stored",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::StoreFull => "Idempotency store full",
+            Self::PoolExhausted { .. } => "Idempotency store busy",
             Self::HandlerPanicked => "The request failed",
             Self::NotCommitted => "The request's transaction did not commit",
             Self::CommitUnknown => "Whether the request's transaction committed is unknown",
@@ -225,6 +236,10 @@ impl RejectionKind {
                  Retry later."
                     .into()
             }
+            Self::PoolExhausted { size } => format!(
+                "All {size} connections to the idempotency store are busy with other requests; nothing was done. \
+                 Retry later. (Operators: size the pool for the requests in flight.)"
+            ),
             Self::HandlerPanicked => "The request failed on the server; it may be retried with the same key.".into(),
             Self::NotCommitted => "The request's database transaction did not commit, so nothing it did was kept; \
                                    retry it with the same key."
@@ -297,6 +312,7 @@ impl Rejection {
             | RejectionKind::InFlightAccepted
             | RejectionKind::StoreUnavailable
             | RejectionKind::StoreFull
+            | RejectionKind::PoolExhausted { .. }
             | RejectionKind::NotCommitted
             | RejectionKind::CommitUnknown => self.with_retry_after(retry_after),
             _ => self,

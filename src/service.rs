@@ -270,6 +270,11 @@ impl<St: Store> Guarded<St> {
                     // An answer, not a failure: the store has no room.
                     Err(StoreError::Full) => return Ok(self.reject(RejectionKind::StoreFull)),
                     Err(error) => {
+                        // A pool with no free connection is not a store that is down.
+                        let error = match (error, config.store.pool_exhausted()) {
+                            (StoreError::Timeout(_), Some(size)) => StoreError::PoolExhausted { size },
+                            (error, _) => error,
+                        };
                         config.metrics.store_failed(&id, "claim", &error);
                         // A record the store holds but cannot read is an answer too.
                         let answered = answered || matches!(error, StoreError::Corrupt(_));
@@ -285,7 +290,10 @@ impl<St: Store> Guarded<St> {
                                 log_request(Outcome::FailedOpen.as_str(), status, self.started);
                                 response.map(|response| response.map(ResponseBody::inner))
                             }
-                            _ => Ok(self.reject(RejectionKind::StoreUnavailable)),
+                            _ => Ok(self.reject(match error {
+                                StoreError::PoolExhausted { size } => RejectionKind::PoolExhausted { size },
+                                _ => RejectionKind::StoreUnavailable,
+                            })),
                         };
                     }
                 };

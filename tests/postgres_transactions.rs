@@ -611,11 +611,16 @@ async fn a_claim_waiting_for_a_pool_connection_answers_503_and_is_cancelled_not_
         async move { send(&app, request("/hold", "k0", "")).await }
     });
     gate.entered(1).await;
+    // Not an outage: a pool too small for the requests in flight, said so.
     for n in 1..=5 {
         let answer = send(&app, request("/charge", &format!("k{n}"), "")).await;
         assert_eq!(answer.status, 503, "k{n}: {:?}", answer.body);
-        assert_eq!(answer.problem(), "store-unavailable");
+        assert_eq!(answer.problem(), "pool-exhausted");
+        assert!(answer.headers.contains_key("retry-after"));
+        assert!(String::from_utf8_lossy(&answer.body).contains("All 1 connections"), "{:?}", answer.body);
     }
+    assert_eq!(layer.metrics().get(tower_idempotency::Outcome::PoolExhausted), 5);
+    assert_eq!(layer.metrics().get(tower_idempotency::Outcome::StoreError), 0);
     gate.open(1);
     assert_eq!(first.await.unwrap().status, 201);
     // The pool serves waiters in turn: a claim still on its way would go first.

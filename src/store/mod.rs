@@ -468,6 +468,14 @@ pub enum StoreError {
     /// allows. The duplicate is answered as in flight.
     #[error("too many duplicates wait already")]
     TooManyWaiting,
+    /// The store did not answer in time while every connection of its pool
+    /// was in use: the pool is too small for the requests in flight, not a
+    /// store that is down.
+    #[error("all {size} connections of the store's pool are busy")]
+    PoolExhausted {
+        /// The pool's size.
+        size: u32,
+    },
 }
 
 impl StoreError {
@@ -538,6 +546,21 @@ pub trait Store: Send + Sync + 'static {
     /// default ignores them.
     fn report_to(&self, metrics: &Metrics) {
         let _ = metrics;
+    }
+
+    /// `Some(size)` when every connection of the store's pool is in use and
+    /// the pool can grow no more: a call that timed out then reads as
+    /// [`StoreError::PoolExhausted`], not as a store that is down. The
+    /// default (a store without a pool of its own) says `None`.
+    ///
+    /// # Example
+    /// ```
+    /// use tower_idempotency::{Store, store::MemoryStore};
+    ///
+    /// assert_eq!(MemoryStore::new().pool_exhausted(), None);
+    /// ```
+    fn pool_exhausted(&self) -> Option<u32> {
+        None
     }
 
     /// Adds to an executing request's extensions what its inner service

@@ -196,6 +196,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// The pool's size when all its connections are in use and it can open
+    /// no more.
+    fn pool_exhausted(&self) -> Option<u32> {
+        let max = self.pool.options().get_max_connections();
+        (self.pool.size() >= max && self.pool.num_idle() == 0).then_some(max)
+    }
+
     fn new(pool: PgPool, table: &str) -> Arc<Self> {
         let salt = <sha2::Sha256 as sha2::Digest>::digest(table.as_bytes());
         Arc::new(Self {

@@ -214,6 +214,10 @@ fn fingerprint_column(row: &PgRow) -> Result<Fingerprint, StoreError> {
 }
 
 impl Store for PostgresStore {
+    fn pool_exhausted(&self) -> Option<u32> {
+        self.inner.shared.pool_exhausted()
+    }
+
     async fn claim(&self, request: ClaimRequest) -> Result<Claim, StoreError> {
         let shared = &self.inner.shared;
         shared.start_purging();

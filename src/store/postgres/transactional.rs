@@ -409,6 +409,10 @@ impl Store for TransactionalStore {
         true
     }
 
+    fn pool_exhausted(&self) -> Option<u32> {
+        self.inner.shared.pool_exhausted()
+    }
+
     fn dropped_claims_hold_nothing(&self) -> bool {
         true
     }
