@@ -26,7 +26,9 @@ use crate::{Metrics, Record, RecordId};
 ///   claim ([`StoreError::Full`]: 503 by default). Drops are counted as
 ///   [`crate::Outcome::Evicted`] and per [`crate::EvictionReason`], and
 ///   logged at `warn`, once per pass. [`MemoryStore::with_scope_limit`]
-///   caps each scope as well.
+///   caps each scope as well. Fairness costs a claim nothing measurable
+///   (claim and complete within 3% of before on the components bench:
+///   BENCHMARKS.md, "Memory store: fair eviction between scopes").
 /// - A dropped record is forgotten: a retry of its key, after the drop,
 ///   runs the request again. Size the store so that records outlive the
 ///   window in which clients retry: at least (requests per second) x
