@@ -67,30 +67,3 @@ async fn waiting_duplicates_poll_a_bounded_number_of_times_without_listening() {
     // Every 100 ms for a second, and a little slack for the machine.
     assert!(claims <= 4 * 15, "{claims} claims by 4 duplicates polling for 1 s");
 }
-
-/// A completion is retried when its reply is lost (a store timeout): if the
-/// first attempt had committed, the retry finds this very record and is no
-/// stale owner.
-#[tokio::test]
-async fn a_completion_retried_after_it_landed_succeeds() {
-    use tower_idempotency::{
-        Fingerprint, Record, RecordId, Store, StoredResponse,
-        store::{Claim, ClaimRequest, StoreError},
-    };
-    let database = TestDatabase::create().await;
-    let store = database.plain_store();
-    store.migrate().await.unwrap();
-    let (id, fingerprint) = (RecordId::from_bytes([0x17; 32]), Fingerprint::from_bytes([3; 32]));
-    let Ok(Claim::Acquired(lease)) = store.claim(ClaimRequest::new(id, fingerprint, Duration::from_secs(30))).await
-    else {
-        panic!("not claimed")
-    };
-    let record =
-        Record::new(fingerprint, StoredResponse::new(http::StatusCode::OK, Default::default(), "ok".into(), None));
-    store.complete(&id, lease.owner(), record.clone(), Duration::from_secs(60)).await.unwrap();
-    store.complete(&id, lease.owner(), record, Duration::from_secs(60)).await.expect("the same record again");
-    let other =
-        Record::new(fingerprint, StoredResponse::new(http::StatusCode::OK, Default::default(), "no".into(), None));
-    let changed = store.complete(&id, lease.owner(), other, Duration::from_secs(60)).await;
-    assert!(matches!(changed, Err(StoreError::NotOwner)), "another record is still refused");
-}

@@ -1187,26 +1187,3 @@ async fn set_ifeq_is_tried_again_on_a_new_connection() {
     }
     assert_eq!(scripts(), before, "completions on the new connection ran scripts: IFEQ was never asked again");
 }
-
-/// A completion is retried when its reply is lost (a store timeout): if the
-/// first attempt had landed, the retry finds this very record and is no
-/// stale owner (it used to log "lease ran out before complete").
-#[tokio::test]
-async fn a_completion_retried_after_it_landed_succeeds() {
-    let server = RedisServer::start();
-    let store = RedisStore::new(server.pool());
-    let id = tower_idempotency::RecordId::from_bytes([0x17; 32]);
-    let fingerprint = tower_idempotency::Fingerprint::from_bytes([3; 32]);
-    let Ok(Claim::Acquired(lease)) = store.claim(ClaimRequest::new(id, fingerprint, Duration::from_secs(30))).await
-    else {
-        panic!("not claimed")
-    };
-    let response = tower_idempotency::StoredResponse::new(http::StatusCode::OK, Default::default(), "ok".into(), None);
-    let record = tower_idempotency::Record::new(fingerprint, response);
-    store.complete(&id, lease.owner(), record.clone(), Duration::from_secs(60)).await.unwrap();
-    store.complete(&id, lease.owner(), record.clone(), Duration::from_secs(60)).await.expect("the same record again");
-    let other = tower_idempotency::StoredResponse::new(http::StatusCode::OK, Default::default(), "no".into(), None);
-    let changed =
-        store.complete(&id, lease.owner(), tower_idempotency::Record::new(fingerprint, other), Duration::from_secs(60));
-    assert!(matches!(changed.await, Err(StoreError::NotOwner)), "another record is still refused");
-}

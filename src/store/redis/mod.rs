@@ -447,12 +447,11 @@ impl<P: RedisPool> Store for RedisStore<P> {
         let record = self.key(id, KeyKind::Record);
         let keys = [record, record.sibling(KeyKind::Queue)];
         match self.script(&COMPLETE, &keys, &args, Replicate::Always).await? {
-            // 2: this very record is there already: a completion retried
-            // after its first attempt landed (its reply lost, or its WAIT
-            // failed and it waits again). Another owner's identical record
-            // would be the same outcome, byte for byte.
-            (Value::Int(1 | 2), replicated) => replicated,
-            (Value::Int(0), _) => Err(StoreError::NotOwner),
+            (Value::Int(1), replicated) => replicated,
+            // This very record is there: with replicas, a completion whose
+            // WAIT failed, retried to wait again; otherwise a stale owner.
+            (Value::Int(2), replicated) if self.inner.replicas.is_some() => replicated,
+            (Value::Int(0 | 2), _) => Err(StoreError::NotOwner),
             (other, _) => Err(unexpected(&other)),
         }
     }

@@ -1,6 +1,6 @@
 -- Completes a record for its owner (1), then wakes its waiters; 0 when not
--- the owner, 2 when this very record is there already (a retry after the
--- first attempt landed, see RedisStore::complete).
+-- the owner, 2 when this very record is there already (a retry whose WAIT
+-- failed, see RedisStore::complete).
 -- KEYS: record, wake queue. ARGV: owner (16), record, retention ms.
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[2] then return 2 end
