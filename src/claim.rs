@@ -5,7 +5,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,7 +19,7 @@ use crate::{
     Fingerprint, NotStored, Record, RecordId,
     config::Config,
     future::BoxFuture,
-    store::{Claim, ClaimRequest, OwnerToken, Store, StoreError},
+    store::{Claim, ClaimRequest, OwnerToken, RecordState, Store, StoreError},
     timeout::with_timeout,
 };
 
@@ -89,6 +92,9 @@ pub(crate) struct HeldClaim<St: Store> {
     /// Until when the claim surely holds: its lease from the claim or the
     /// last renewal that the store acknowledged.
     held_until: Instant,
+    /// Cleared when the store says another owner holds the key; made only
+    /// for a caller that watches it ([`HeldClaim::ownership`]).
+    current: Option<Arc<AtomicBool>>,
 }
 
 impl<St: Store> HeldClaim<St> {
@@ -110,6 +116,21 @@ impl<St: Store> HeldClaim<St> {
             renew_at,
             renew_until,
             held_until,
+            current: None,
+        }
+    }
+
+    /// A flag that stays true while no store call has found another owner
+    /// of the key (a renewal, a completion).
+    #[cfg(feature = "guard")]
+    pub(crate) fn ownership(&mut self) -> Arc<AtomicBool> {
+        self.current.get_or_insert_with(|| Arc::new(AtomicBool::new(true))).clone()
+    }
+
+    /// Notes that the store found another owner.
+    fn lost(&self) {
+        if let Some(current) = &self.current {
+            current.store(false, Ordering::Relaxed);
         }
     }
 
@@ -157,6 +178,7 @@ impl<St: Store> HeldClaim<St> {
                             if matches!(error, StoreError::NotOwner) {
                                 // Another request owns the key: renew no more.
                                 self.renew_until = self.renew_at;
+                                self.lost();
                             }
                         }
                     }
@@ -209,6 +231,7 @@ impl<St: Store> HeldClaim<St> {
                 None
             }
             Err(error @ StoreError::NotOwner) => {
+                self.lost();
                 self.config.metrics.store_failed(&self.id, "complete", &error);
                 None
             }
@@ -252,8 +275,17 @@ impl<St: Store> HeldClaim<St> {
                     return;
                 }
                 Err(error) => {
+                    // An earlier attempt failed without an answer: it may
+                    // have landed, and then the key holds this very record.
+                    let config = self.config.clone();
+                    if matches!(error, StoreError::NotOwner) && landed(&config, self.id, &record).await {
+                        tracing::debug!(key = %self.id, "an earlier attempt of the completion had landed");
+                        self.renewing = false;
+                        return;
+                    }
                     self.config.metrics.store_failed(&self.id, "complete", &error);
                     if matches!(error, StoreError::NotOwner) {
+                        self.lost();
                         self.renewing = false;
                         return;
                     }
@@ -284,6 +316,12 @@ impl<St: Store> HeldClaim<St> {
         let config = &self.config;
         with_timeout(config.store_timeout, config.store.complete(&self.id, self.owner, record, config.retention))
     }
+}
+
+/// Whether the key `id` holds `record` already.
+async fn landed<St: Store>(config: &Config<St>, id: RecordId, record: &Record) -> bool {
+    let found = with_timeout(config.store_timeout, config.store.lookup(&id)).await;
+    matches!(found, Ok(Some(RecordState::Completed(kept))) if kept == *record)
 }
 
 impl<St: Store> Drop for HeldClaim<St> {

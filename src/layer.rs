@@ -199,6 +199,13 @@ impl<St: Store + Clone> IdempotencyLayer<St> {
         }
     }
 
+    /// The settings the layer's services share (the worker guard runs on
+    /// them too).
+    #[cfg(feature = "guard")]
+    pub(crate) fn config(&self) -> &Arc<Config<St>> {
+        &self.config
+    }
+
     fn update(mut self, f: impl FnOnce(&mut Config<St>)) -> Self {
         f(Arc::make_mut(&mut self.config));
         self

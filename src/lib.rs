@@ -128,6 +128,8 @@ mod context;
 mod extract;
 mod fingerprint;
 mod future;
+#[cfg(feature = "guard")]
+pub mod guard;
 mod key;
 mod layer;
 mod metrics;

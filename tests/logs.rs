@@ -152,3 +152,85 @@ async fn a_healthy_storm_on_postgresql_logs_no_warning() {
     healthy_storm_logs_no_warning(IdempotencyLayer::new(plain).with_namespace("plain"), 10, 2).await;
     pool.close().await;
 }
+
+/// A memory store whose first completion lands but answers as if it timed
+/// out (a reply lost on the way), so that the layer retries it.
+#[derive(Clone, Default)]
+struct LosesFirstReply {
+    inner: tower_idempotency::store::MemoryStore,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    lookups: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tower_idempotency::Store for LosesFirstReply {
+    async fn claim(
+        &self,
+        request: tower_idempotency::store::ClaimRequest,
+    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
+        self.inner.claim(request).await
+    }
+
+    async fn complete(
+        &self,
+        id: &RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+        record: tower_idempotency::Record,
+        retention: std::time::Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        let completed = self.inner.complete(id, owner, record, retention).await;
+        if completed.is_ok() && !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(tower_idempotency::store::StoreError::Timeout(std::time::Duration::from_secs(1)));
+        }
+        completed
+    }
+
+    async fn release(
+        &self,
+        id: &RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.inner.release(id, owner).await
+    }
+
+    async fn renew(
+        &self,
+        id: &RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+        lease: std::time::Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.inner.renew(id, owner, lease).await
+    }
+
+    async fn lookup(
+        &self,
+        id: &RecordId,
+    ) -> Result<Option<tower_idempotency::store::RecordState>, tower_idempotency::store::StoreError> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lookup(id).await
+    }
+}
+
+/// A completion whose first attempt landed but whose answer was lost is
+/// retried; the retry finds the record its claim wrote, which is no stale
+/// owner: nothing to warn about (it used to warn "lease ran out before
+/// complete", for a record that was kept).
+#[tokio::test]
+async fn a_retried_completion_that_had_landed_is_no_stale_owner() {
+    let (logs, _guard) = Logs::capture(tracing::Level::WARN);
+    let store = LosesFirstReply::default();
+    let layer = IdempotencyLayer::new(store.clone());
+    let (app, calls) = counting(&layer);
+    assert_eq!(send(&app, post(Some("k"), "a")).await.status, 201);
+    let metrics = layer.metrics();
+    // The retry runs after the answer, 100 ms later: bounded by 5 s.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.lookups.load(std::sync::atomic::Ordering::SeqCst) == 0 && metrics.get(Outcome::StaleOwner) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the completion was not retried");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(metrics.get(Outcome::StaleOwner), 0);
+    assert!(!logs.text().contains("lease ran out"), "{}", logs.text());
+    assert!(send(&app, post(Some("k"), "a")).await.replayed());
+    assert_eq!(calls.get(), 1);
+}
