@@ -147,6 +147,7 @@ impl EvictionReason {
 }
 
 const COUNTERS: usize = 11;
+const _: () = assert!(EvictionReason::ALL.len() == 2);
 const _: () = assert!(Outcome::ALL.len() == COUNTERS);
 
 /// Counters per [`Outcome`], shared by a layer and every service it made.
@@ -222,7 +223,7 @@ impl Metrics {
                 call,
                 key = %id,
                 size,
-                "all {size} connections of the idempotency store's pool are busy: size the pool for the requests in flight"
+                "all {size} connections of the idempotency store's pool are busy: size the pool for the requests in flight (or look for slow statements holding them)"
             );
         } else {
             self.count(Outcome::StoreError);

@@ -81,12 +81,24 @@ struct Counts {
     bytes: AtomicUsize,
 }
 
-/// Where there was no room: in the store, or in the scope's share.
+/// Room that was asked for (one more entry or not, and bytes) for a scope,
+/// and where there was none: in the store, or in the scope's share. Once
+/// [`Inner::make_room`] has reserved it, the same value says what the
+/// caller holds.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct NoRoom {
     pub(super) scope: u64,
     pub(super) in_scope: bool,
+    pub(super) entry: bool,
+    pub(super) bytes: usize,
+    /// A record no pass may drop for this room: the one a `Rerun` take-over
+    /// grows into.
+    pub(super) keep: Option<IdPrefix>,
 }
+
+/// Passes one call of [`Inner::make_room`] makes at most: each either
+/// drops records or finds that room appeared meanwhile.
+const MAX_PASSES: usize = 64;
 
 /// A cap per scope, and what each scope holds (in flight and completed),
 /// sharded by scope; a scope that holds nothing has no entry.
@@ -326,67 +338,79 @@ impl Inner {
         (self.max_entries, self.max_bytes)
     }
 
-    /// Makes room for `bytes` more bytes of `need.scope`, and one more
-    /// entry if `new_entry`, where there was none (`need`), and reserves it
-    /// for the caller; `false` when dropping every completed record it may
-    /// drop would not make it fit (and then it drops none).
+    /// Makes the room `need` asks for (one more entry or not, and bytes, of
+    /// its scope) and reserves it for the caller; `false` when dropping
+    /// every completed record it may drop would not make it fit, in the
+    /// scope's share and in the store both (and then that pass drops none).
     ///
     /// Drops expired records first, then completed ones, never in-flight
     /// ones. In the store, fairly: the scope holding the most completed
     /// records (entries or bytes, whichever limit was hit) gives way first,
     /// closest to expiry first within it, so a flood evicts the flooder's
     /// own records. In a scope's share: that scope's, closest to expiry
-    /// first. Drops a batch (a thirty-second of the limit hit) beyond what
-    /// is needed, so that a full store pays for the pass once per batch of
-    /// claims; what it frees is reserved under the pass's lock, so that
-    /// concurrent claims cannot leave its caller without room.
-    pub(super) fn make_room(&self, mut need: NoRoom, new_entry: bool, bytes: usize) -> bool {
+    /// first. Drops a batch (a thirty-second of the limit hit; at least a
+    /// quarter of a small one, up to 8) beyond what is needed, so that a
+    /// full store pays for the pass once per batch of claims. Claims that
+    /// do not wait for this lock may take the room a pass frees: the call
+    /// then makes another pass, up to [`MAX_PASSES`].
+    pub(super) fn make_room(&self, mut need: NoRoom) -> bool {
         let _one_at_a_time = self.making_room.lock().unwrap_or_else(|poison| poison.into_inner());
         self.purge_all();
-        loop {
-            match self.reserve(need.scope, new_entry, bytes) {
+        for _ in 0..MAX_PASSES {
+            match self.reserve(need.scope, need.entry, need.bytes) {
                 Ok(()) => return true,
-                Err(no_room) => need = no_room,
+                Err(no_room) => need = NoRoom { keep: need.keep, ..no_room },
             }
-            if self.drop_completed(need, new_entry, bytes) == 0 {
+            if self.drop_completed(need).is_none() {
                 return false;
             }
         }
+        false
     }
 
     /// Drops completed records until `need` is met plus a batch (see
-    /// [`Self::make_room`]); how many it dropped.
-    fn drop_completed(&self, need: NoRoom, new_entry: bool, bytes: usize) -> u64 {
-        let (max_entries, max_bytes, held, reason) = match (&self.scopes, need.in_scope) {
-            (Some(shares), true) => {
-                (shares.max_entries, shares.max_bytes, shares.held(need.scope), EvictionReason::ScopeLimit)
-            }
-            _ => (
-                self.max_entries,
-                self.max_bytes,
-                Share { entries: self.len(), bytes: self.bytes() },
-                EvictionReason::StoreFull,
-            ),
+    /// [`Self::make_room`]); how many it dropped, `None` when even all of
+    /// them would not make room.
+    fn drop_completed(&self, need: NoRoom) -> Option<u64> {
+        let store_held = Share { entries: self.len(), bytes: self.bytes() };
+        let needs = |held: Share, max_entries: usize, max_bytes: usize| {
+            let entries = (held.entries + usize::from(need.entry)).saturating_sub(max_entries);
+            (entries, held.bytes.saturating_add(need.bytes).saturating_sub(max_bytes))
         };
-        let needed_entries = (held.entries + usize::from(new_entry)).saturating_sub(max_entries);
-        let needed_bytes = held.bytes.saturating_add(bytes).saturating_sub(max_bytes);
+        let store_needs = needs(store_held, self.max_entries, self.max_bytes);
+        let (max_entries, max_bytes, (needed_entries, needed_bytes), reason) = match (&self.scopes, need.in_scope) {
+            (Some(shares), true) => {
+                let held = shares.held(need.scope);
+                let limits = (shares.max_entries, shares.max_bytes);
+                (limits.0, limits.1, needs(held, limits.0, limits.1), EvictionReason::ScopeLimit)
+            }
+            _ => (self.max_entries, self.max_bytes, store_needs, EvictionReason::StoreFull),
+        };
         let mut by_scope: HashMap<u64, Vec<(Micros, usize)>> = HashMap::new();
+        let (mut all_count, mut all_size) = (0, 0);
         for shard in &*self.shards {
             let shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
-            let completed = shard.entries.iter().filter(|entry| {
-                matches!(entry.state, State::Completed(_)) && (!need.in_scope || entry.scope == need.scope)
-            });
-            for entry in completed {
-                by_scope.entry(entry.scope).or_default().push((entry.expires_at, entry.size()));
+            let droppable = |entry: &&Entry| matches!(entry.state, State::Completed(_)) && need.keep != Some(entry.id);
+            for entry in shard.entries.iter().filter(droppable) {
+                (all_count, all_size) = (all_count + 1, all_size + entry.size());
+                if !need.in_scope || entry.scope == need.scope {
+                    by_scope.entry(entry.scope).or_default().push((entry.expires_at, entry.size()));
+                }
             }
         }
         let count: usize = by_scope.values().map(Vec::len).sum();
         let size: usize = by_scope.values().flatten().map(|(_, size)| size).sum();
-        // What dropping every completed record would not make fit drops none.
-        if count < needed_entries || size < needed_bytes {
-            return 0;
+        // What dropping every completed record would not make fit, in the
+        // share or in the store, drops none.
+        if count < needed_entries || size < needed_bytes || all_count < store_needs.0 || all_size < store_needs.1 {
+            return None;
         }
-        let to_free = |needed: usize, max: usize| if needed > 0 { needed.saturating_add(max / 32) } else { 0 };
+        if (needed_entries, needed_bytes) == (0, 0) {
+            // Room appeared since the reservation was refused.
+            return Some(0);
+        }
+        let batch = |max: usize| (max / 32).max(max.min(32) / 4);
+        let to_free = |needed: usize, max: usize| if needed > 0 { needed.saturating_add(batch(max)) } else { 0 };
         let cutoffs = fair_cutoffs(
             by_scope,
             (to_free(needed_entries, max_entries), to_free(needed_bytes, max_bytes)),
@@ -397,12 +421,17 @@ impl Inner {
             let mut shard = shard.lock().unwrap_or_else(|poison| poison.into_inner());
             let droppable = |entry: &mut Entry| {
                 matches!(entry.state, State::Completed(_))
+                    && need.keep != Some(entry.id)
                     && cutoffs.get(&entry.scope).is_some_and(|&cutoff| entry.expires_at <= cutoff)
             };
             for entry in shard.entries.extract_if(droppable) {
                 self.forget(entry);
                 dropped += 1;
             }
+        }
+        if dropped == 0 {
+            // What it chose was taken over or expired meanwhile.
+            return Some(0);
         }
         if let Some(metrics) = self.metrics.get() {
             metrics.count_evictions(reason, dropped);
@@ -417,7 +446,7 @@ impl Inner {
                 "the memory store is full: dropped completed records of the callers holding the most; a retry of one of their keys runs again"
             ),
         }
-        dropped
+        Some(dropped)
     }
 
     fn now(&self) -> Micros {
@@ -473,7 +502,7 @@ impl Inner {
         if let Some(shares) = &self.scopes
             && !shares.reserve(scope, entry, bytes)
         {
-            return Err(NoRoom { scope, in_scope: true });
+            return Err(NoRoom { scope, in_scope: true, entry, bytes, keep: None });
         }
         let entry_reserved = !entry
             || self
@@ -498,7 +527,7 @@ impl Inner {
         if let Some(shares) = &self.scopes {
             shares.unreserve(scope, entry, bytes);
         }
-        Err(NoRoom { scope, in_scope: false })
+        Err(NoRoom { scope, in_scope: false, entry, bytes, keep: None })
     }
 
     /// Gives back room [`Self::reserve`] took.
@@ -566,12 +595,12 @@ impl Inner {
     pub(super) fn try_claim(
         &self,
         request: &ClaimRequest,
-        reserved: bool,
+        reserved: Option<NoRoom>,
     ) -> Result<Result<Claim, StoreError>, NoRoom> {
         let scope = request.scope_tag();
-        let give_back = || {
-            if reserved {
-                self.unreserve(scope, true, IN_FLIGHT_SIZE);
+        let give_back = |held: Option<NoRoom>| {
+            if let Some(held) = held {
+                self.unreserve(held.scope, held.entry, held.bytes);
             }
         };
         let now = self.now();
@@ -592,14 +621,27 @@ impl Inner {
         // One probe: a miss keeps its slot for the insert.
         let vacant = match entries.entry(hash, |entry| entry.id == key, |entry| self.hasher.hash(&entry.id)) {
             hash_table::Entry::Occupied(mut found) if found.get().expires_at > now => {
-                give_back();
                 let entry = found.get_mut();
+                let take_over = request.replace_completed() && matches!(entry.state, State::Completed(_));
+                // Bytes reserved for a take-over's growth, of this entry's scope.
+                let growth_held = match reserved {
+                    Some(held) if take_over && !held.entry && held.scope == entry.scope => held.bytes,
+                    held => {
+                        give_back(held);
+                        0
+                    }
+                };
                 return Ok(Ok(match &entry.state {
                     State::InFlight(in_flight) => Claim::InFlight { fingerprint: in_flight.fingerprint },
-                    State::Completed(record) if !request.replace_completed() => Claim::Completed(hand_out(record)),
+                    State::Completed(record) if !take_over => Claim::Completed(hand_out(record)),
                     State::Completed(_) => {
                         // A small record may be smaller than a claim's room.
-                        self.resize(entry.scope, entry.size(), IN_FLIGHT_SIZE, 0)?;
+                        let old = entry.size();
+                        if let Err(no_room) = self.resize(entry.scope, old, IN_FLIGHT_SIZE, growth_held) {
+                            give_back(reserved.filter(|_| growth_held > 0));
+                            let bytes = IN_FLIGHT_SIZE.saturating_sub(old);
+                            return Err(NoRoom { bytes, keep: Some(key), ..no_room });
+                        }
                         let lease = self.new_lease(fencing, hash);
                         entry.state = in_flight(lease);
                         // Sooner than the retention it had: it needs a slot.
@@ -616,10 +658,16 @@ impl Inner {
             }
             hash_table::Entry::Vacant(vacant) => vacant,
         };
-        if !reserved {
+        match reserved {
+            Some(held) if held.entry && held.scope == scope && held.bytes >= IN_FLIGHT_SIZE => {
+                self.unreserve(scope, false, held.bytes - IN_FLIGHT_SIZE);
+            }
             // On refusal the caller makes room without holding this shard's
-            // lock, then tries once more.
-            self.reserve(scope, true, IN_FLIGHT_SIZE)?;
+            // lock, then tries again.
+            held => {
+                give_back(held);
+                self.reserve(scope, true, IN_FLIGHT_SIZE)?;
+            }
         }
         let lease = self.new_lease(fencing, hash);
         let expires_at = after(now, request.lease());
@@ -740,7 +788,7 @@ mod tests {
 
     fn claim(table: &Inner, n: u8) -> Lease {
         let request = ClaimRequest::new(id(n), Fingerprint::from_bytes([0; 32]), Duration::from_secs(30));
-        match table.try_claim(&request, false) {
+        match table.try_claim(&request, None) {
             Ok(Ok(Claim::Acquired(lease))) => lease,
             _ => panic!("key {n} was not claimed"),
         }

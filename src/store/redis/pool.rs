@@ -429,9 +429,10 @@ async fn learn(connection: &mut impl ConnectionLike, facts: &ServerFacts) {
     let info = match redis::cmd("INFO").query_async::<Value>(connection).await {
         Ok(info) => info,
         Err(error) => {
-            // No `INFO` (an ACL, a proxy): a current server is assumed.
-            tracing::debug!(%error, "INFO refused: claims are sent as for Redis 7.0 and later");
-            facts.claims.store(CLAIMS_TRANSACTION, Ordering::Relaxed);
+            // No `INFO` (an ACL, a proxy): the claim script works on every
+            // version.
+            tracing::info!(%error, "INFO refused: the server's version is unknown, so claims run the claim script");
+            facts.claims.store(CLAIMS_SCRIPT, Ordering::Relaxed);
             return;
         }
     };

@@ -129,16 +129,16 @@ impl<P: RedisPool> RedisStore<P> {
                 takes_ifeq();
                 Ok(None)
             }
-            // A server without `IFEQ` refuses its syntax, and changes nothing;
-            // any other refusal (out of memory, say) says nothing of `IFEQ`.
-            Err(error) if refuses_syntax(&error) => {
-                if ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
+            // A refused `SET` wrote nothing: the script decides. A server
+            // without `IFEQ` refuses its syntax; any other refusal (out of
+            // memory, say) says nothing of `IFEQ`.
+            Err(error) => {
+                if refuses_syntax(&error) && ifeq.swap(IFEQ_NO, Ordering::Relaxed) != IFEQ_NO {
                     tracing::debug!(%error, "the Redis server does not take SET IFEQ: completions run a script");
+                    self.inner.tokens().clear();
                 }
-                self.inner.tokens().clear();
                 Ok(None)
             }
-            Err(error) => Err(StoreError::unavailable(error)),
             Ok(other) => Err(unexpected(&other)),
         }
     }
