@@ -183,6 +183,34 @@ fn memory_store(c: &mut Criterion) {
     group.finish();
 }
 
+/// The worker guard on the memory store against the same work called bare:
+/// a first run of a fresh key (claim, work, completion) and a replay.
+fn guard(c: &mut Criterion) {
+    use tower_idempotency::guard::Guard;
+    let runtime = runtime();
+    let mut group = c.benchmark_group("guard");
+    let order = serde_json::json!({"order_id": "o-1", "amount": 500, "currency": "usd"});
+    let work = || async { Ok::<_, std::io::Error>(String::from("ch_1")) };
+    group.bench_function("bare", |b| b.to_async(&runtime).iter(|| async { black_box(work().await.unwrap()) }));
+    let guard = Guard::new(MemoryStore::with_limits(10_000_000, usize::MAX));
+    let mut n = 0u64;
+    group.bench_function("first_run", |b| {
+        b.to_async(&runtime).iter(|| {
+            n += 1;
+            let (guard, order) = (&guard, &order);
+            async move {
+                let key = format!("order:{n}");
+                black_box(guard.run(&key, order, |_| work()).await.unwrap())
+            }
+        })
+    });
+    runtime.block_on(guard.run("order:hot", &order, |_| work())).unwrap();
+    group.bench_function("replay", |b| {
+        b.to_async(&runtime).iter(|| async { black_box(guard.run("order:hot", &order, |_| work()).await.unwrap()) })
+    });
+    group.finish();
+}
+
 fn id_bytes(n: u64) -> [u8; 32] {
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
@@ -324,7 +352,7 @@ where
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = key_parsing, fingerprinting, records, memory_store, layer
+    targets = key_parsing, fingerprinting, records, memory_store, layer, guard
 }
 
 /// Prints the heap a completed record keeps in the memory store: `records`
