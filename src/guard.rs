@@ -23,7 +23,11 @@
 //!   application/json`), so `lookup`, retention and every store work as for
 //!   HTTP, and the format stays readable across versions of this crate and
 //!   from other languages. A value that does not decode into the type a
-//!   later run asks for is [`GuardError::Codec`].
+//!   later run asks for is [`GuardError::Codec`]. A value that cannot be
+//!   encoded (a map with keys that are not strings, say) is
+//!   [`GuardError::Codec`] too, after the work ran: its key is then kept as
+//!   run without a result ([`GuardError::NotKept`] to later runs), never run
+//!   again.
 //! - **Failure.** By default ([`Failure::Release`]) a work that returns
 //!   `Err` gives its key back: the next delivery runs again.
 //!   [`Failure::Record`] keeps the failure (its `Display` text, status 500)
@@ -71,7 +75,7 @@ use tokio::time::Instant;
 
 use crate::{
     CompletedStrategy, ConfigError, FencingToken, Fingerprint, IdempotencyKey, IdempotencyLayer, KeyError,
-    MAX_DURATION, Metrics, Outcome as Counted, Record, RecordId, Scope, StoredResponse,
+    MAX_DURATION, Metrics, NotStored, Outcome as Counted, Record, RecordId, Scope, StoredResponse,
     claim::{HeldClaim, PendingClaim},
     config::Config,
     store::{Claim, ClaimRequest, Lease, MemoryStore, Store, StoreError},
@@ -702,7 +706,15 @@ impl<St: Store + Clone> Guard<St> {
         let body = match serde_json::to_vec(&value) {
             Ok(body) => Bytes::from(body),
             Err(error) => {
-                claim.release().await;
+                // The work ran: its key must not run again, though there is
+                // no result to keep.
+                let marker = || Record::not_stored(fingerprint, NotStored::Unreadable);
+                if transactional {
+                    claim.commit(marker()).await.map_err(GuardError::Store)?;
+                } else {
+                    let unsaved = claim.complete_with(marker).await;
+                    claim.retry_completion(unsaved).await;
+                }
                 return Err(GuardError::Codec(error.to_string()));
             }
         };

@@ -257,3 +257,22 @@ async fn on_transactional_postgresql_the_work_commits_with_its_result() {
     let rows: Vec<String> = rows.unwrap().iter().map(|row| sqlx::Row::get(row, 0)).collect();
     assert_eq!(rows, ["a"], "one row for the charge, none for the failed run");
 }
+
+/// A result that cannot be kept as JSON is an error after the work ran: the
+/// key is kept as run without a result, never run again.
+#[tokio::test]
+async fn a_result_that_cannot_be_encoded_never_runs_again() {
+    let guard = Guard::memory();
+    let runs = Processor::default();
+    let unencodable = |_: Work| {
+        let runs = runs.clone();
+        async move {
+            runs.0.fetch_add(1, Ordering::SeqCst);
+            // JSON object keys must be strings.
+            Ok::<HashMap<Vec<u8>, u8>, String>(HashMap::from([(vec![1u8], 1u8)]))
+        }
+    };
+    assert!(matches!(guard.run("k", &1, unencodable).await, Err(GuardError::Codec(_))));
+    assert!(matches!(guard.run("k", &1, unencodable).await, Err(GuardError::NotKept)));
+    assert_eq!(runs.runs(), 1);
+}
