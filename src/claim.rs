@@ -173,6 +173,10 @@ impl<St: Store> HeldClaim<St> {
                     let period = self.config.lease / 3;
                     match renewed {
                         Ok(()) => self.held_until = *sent + self.config.lease,
+                        // Renewed while a completion is retried: if an
+                        // earlier attempt landed, the key has no owner any
+                        // more, which is no loss; the retry decides.
+                        Err(StoreError::NotOwner) if self.settled => self.renew_until = self.renew_at,
                         Err(error) => {
                             self.config.metrics.store_failed(&self.id, "renew", &error);
                             if matches!(error, StoreError::NotOwner) {

@@ -13,11 +13,15 @@
 //!
 //! - **Payload.** A run's payload is fingerprinted; a later run of the same
 //!   key with another payload is [`GuardError::PayloadMismatch`], never a
-//!   run. [`Guard::run`] takes any `Serialize` payload and fingerprints its
+//!   run (under `Rerun` as well: only a finished key runs again).
+//!   [`Guard::run`] takes any `Serialize` payload and fingerprints its
 //!   canonical JSON: `serde_json`'s encoding with every object's keys in
 //!   byte order and no whitespace, so field order and map iteration order
-//!   do not matter (SHA-256 over a version tag and that text).
-//!   [`Guard::run_bytes`] takes raw bytes.
+//!   do not matter (SHA-256 over a version tag and that text). Numbers stay
+//!   as `serde_json` writes them (`1` and `1.0` differ, an `f32` is widened,
+//!   NaN becomes `null`), and a struct that gains a field changes the
+//!   fingerprint of its payloads: for a message body as it came,
+//!   [`Guard::run_bytes`] fingerprints the raw bytes.
 //! - **Result.** The work's `Ok` value is kept as JSON (`serde_json`), in
 //!   the store's ordinary record (status 200, `content-type:
 //!   application/json`), so `lookup`, retention and every store work as for
@@ -50,7 +54,13 @@
 //!   unwinding.
 //! - **Completed keys.** [`CompletedStrategy`] as in the layer:
 //!   `Replay` (default), `Reject` ([`GuardError::AlreadyUsed`]), `Rerun`
-//!   (only concurrent runs are refused: no result is kept for later).
+//!   (a finished key runs again; only concurrent runs are refused, and a run
+//!   that waited for another gets its result).
+//! - **Namespace.** A guard's keys live in the namespace
+//!   [`DEFAULT_NAMESPACE`], apart from an HTTP layer's on the same store.
+//! - **No Tower form (yet).** A message service's key and payload come from
+//!   the message in ways a generic layer would have to be told about each
+//!   time; a closure around [`Guard::run`] says it in one line.
 //!
 //! As in the layer, a store that fails before it answered is an error
 //! ([`GuardError::Store`]): nothing runs unguarded.
@@ -81,6 +91,12 @@ use crate::{
     store::{Claim, ClaimRequest, Lease, MemoryStore, Store, StoreError},
     timeout::with_timeout,
 };
+
+/// The namespace of a guard's keys unless [`Guard::with_namespace`] says
+/// otherwise: apart from the layer's (whose default is empty), so that an
+/// HTTP client sending `Idempotency-Key: order:o-1` to a service on the
+/// same store can never take a worker's key.
+pub const DEFAULT_NAMESPACE: &str = "guard";
 
 /// Runs work at most once per key; see the [module docs](self).
 ///
@@ -249,8 +265,8 @@ pub enum GuardError<E> {
     #[error("an earlier run of this key failed: {0}")]
     FailedBefore(String),
     /// An earlier run of the key finished but its result was not kept (the
-    /// store was full, or the result was larger than the store takes); it
-    /// never runs again.
+    /// store was full, or the result could not be encoded); it never runs
+    /// again.
     #[error("an earlier run of this key finished, but its result was not kept")]
     NotKept,
     /// The store failed or did not answer in time; nothing ran, unless
@@ -258,10 +274,15 @@ pub enum GuardError<E> {
     /// store's failed commit: a retry runs again).
     #[error(transparent)]
     Store(StoreError),
-    /// The payload or the result could not be encoded, or a kept result not
-    /// decoded into the type asked for.
+    /// The payload could not be encoded, or a kept result not decoded into
+    /// the type asked for; nothing ran.
     #[error("encoding: {0}")]
     Codec(String),
+    /// The work ran, but its result could not be encoded as JSON (a map
+    /// whose keys are not strings, say): the key is kept as run without a
+    /// result, and later runs get [`GuardError::NotKept`].
+    #[error("the work ran, but its result could not be encoded: {0}")]
+    ResultNotEncoded(String),
     /// The work returned this error (under [`Failure::Release`] its key was
     /// given back).
     #[error("the work failed: {0}")]
@@ -286,6 +307,7 @@ pub enum GuardError<E> {
 pub struct Work {
     fencing_token: FencingToken,
     current: Arc<AtomicBool>,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code, reason = "only the transaction is read from it"))]
     extensions: http::Extensions,
 }
 
@@ -380,7 +402,8 @@ impl<St: Store + Clone> Guard<St> {
     /// # drop(guard);
     /// ```
     pub fn new(store: St) -> Self {
-        Self { layer: IdempotencyLayer::new(store), in_flight: InFlight::default(), failure: Failure::default() }
+        let layer = IdempotencyLayer::new(store).with_namespace(DEFAULT_NAMESPACE);
+        Self { layer, in_flight: InFlight::default(), failure: Failure::default() }
     }
 
     /// What a run does while another run of its key is in flight.
@@ -482,7 +505,8 @@ impl<St: Store + Clone> Guard<St> {
     }
 
     /// Keeps this guard's keys apart from other users' of the same store
-    /// (as [`IdempotencyLayer::with_namespace`]).
+    /// (as [`IdempotencyLayer::with_namespace`]; default
+    /// [`DEFAULT_NAMESPACE`]).
     ///
     /// # Example
     /// ```
@@ -626,6 +650,8 @@ impl<St: Store + Clone> Guard<St> {
             GuardError::PayloadMismatch
         };
         let mut replace_completed = config.completed == CompletedStrategy::Rerun;
+        // A run that waited for another replays its result, even under `Rerun`.
+        let mut waited = false;
         loop {
             let request = ClaimRequest::new(id, fingerprint, config.lease)
                 .with_replace_completed(replace_completed)
@@ -633,6 +659,10 @@ impl<St: Store + Clone> Guard<St> {
                 .with_scope(scope);
             let claimed = match with_timeout(config.store_timeout, PendingClaim::new(config, request)).await {
                 Ok(claimed) => claimed,
+                Err(StoreError::Full) => {
+                    config.metrics.count(Counted::StoreFull);
+                    return Err(GuardError::Store(StoreError::Full));
+                }
                 Err(error) => {
                     let error = match (error, config.store.pool_exhausted()) {
                         (StoreError::Timeout(_), Some(size)) => StoreError::PoolExhausted { size },
@@ -649,6 +679,7 @@ impl<St: Store + Clone> Guard<St> {
                 Claim::InFlight { .. } => {
                     let now = Instant::now();
                     let Some(deadline) = wait_until.filter(|&deadline| deadline > now) else { return Err(in_flight()) };
+                    (replace_completed, waited) = (false, true);
                     let wait = config.store.wait(&request, deadline - now);
                     if let Ok(Err(error)) = Box::pin(tokio::time::timeout_at(deadline, wait)).await {
                         tracing::debug!(%error, "a run could not wait for the run in flight");
@@ -660,10 +691,13 @@ impl<St: Store + Clone> Guard<St> {
                     config.metrics.count(Counted::Rejected);
                     return Err(GuardError::AlreadyUsed);
                 }
-                Claim::Completed(_) if config.completed == CompletedStrategy::Rerun => replace_completed = true,
+                Claim::Completed(_) if config.completed == CompletedStrategy::Rerun && !waited => {
+                    replace_completed = true;
+                }
                 Claim::Completed(record) => {
-                    config.metrics.count(Counted::Replayed);
-                    return replay(record).map(Outcome::Replayed);
+                    let replayed = replay(record);
+                    config.metrics.count(if replayed.is_ok() { Counted::Replayed } else { Counted::Rejected });
+                    return replayed.map(Outcome::Replayed);
                 }
             }
         }
@@ -690,59 +724,62 @@ impl<St: Store + Clone> Guard<St> {
         config.store.attach(&lease, &mut extensions);
         let handle = Work { fencing_token: lease.fencing_token(), current: current.clone(), extensions };
         let transactional = config.store.commits_handler_writes();
-        // A panic is caught only to settle the key, then resumed.
-        let ran = claim.while_renewing(AssertUnwindSafe(work(handle)).catch_unwind()).await;
+        // A panic (in the closure or its future) is caught only to settle
+        // the key, then resumed.
+        let ran = claim.while_renewing(AssertUnwindSafe(async move { work(handle).await }).catch_unwind()).await;
+        let failed = |message: &str| {
+            let body = Bytes::copy_from_slice(message.as_bytes());
+            let keep = self.failure == Failure::Record && !transactional;
+            keep.then(|| Record::new(fingerprint, kept(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", body)))
+        };
         let value = match ran {
             Ok(Ok(value)) => value,
             Ok(Err(error)) => {
-                self.fail(&mut claim, transactional, &error.to_string()).await;
+                settle(claim, failed(&error.to_string())).await.map_err(GuardError::Store)?;
                 return Err(GuardError::Failed(error));
             }
             Err(panic) => {
-                self.fail(&mut claim, transactional, "the work panicked").await;
+                // Settled before unwinding on: the task is detached.
+                let _ = settle(claim, failed("the work panicked")).await;
                 std::panic::resume_unwind(panic);
             }
         };
-        let body = match serde_json::to_vec(&value) {
-            Ok(body) => Bytes::from(body),
-            Err(error) => {
-                // The work ran: its key must not run again, though there is
-                // no result to keep.
-                let marker = || Record::not_stored(fingerprint, NotStored::Unreadable);
-                if transactional {
-                    claim.commit(marker()).await.map_err(GuardError::Store)?;
-                } else {
-                    let unsaved = claim.complete_with(marker).await;
-                    claim.retry_completion(unsaved).await;
-                }
-                return Err(GuardError::Codec(error.to_string()));
-            }
+        let (record, encoded) = match serde_json::to_vec(&value) {
+            Ok(body) => (Record::new(fingerprint, kept(StatusCode::OK, "application/json", body.into())), Ok(())),
+            // The work ran: its key must not run again, though there is no
+            // result to keep.
+            Err(error) => (Record::not_stored(fingerprint, NotStored::Unreadable), Err(error.to_string())),
         };
-        let record = || Record::new(fingerprint, kept(StatusCode::OK, "application/json", body.clone()));
-        if transactional {
-            claim.commit(record()).await.map_err(GuardError::Store)?;
-        } else {
-            let unsaved = claim.complete_with(record).await;
-            claim.retry_completion(unsaved).await;
-        }
+        settle(claim, Some(record)).await.map_err(GuardError::Store)?;
         if !current.load(Ordering::Relaxed) {
             return Err(GuardError::LeaseLost);
         }
+        encoded.map_err(GuardError::ResultNotEncoded)?;
         Ok(Outcome::Ran(value))
     }
+}
 
-    /// Settles the claim of a failed run: released, or its failure kept.
-    async fn fail(&self, claim: &mut HeldClaim<St>, transactional: bool, message: &str) {
-        if self.failure == Failure::Release || transactional {
-            claim.release().await;
-            return;
+/// Ends a run's claim: keeps `record` (completing it, or committing it on a
+/// transactional store), or without one gives the key back. On a task of
+/// its own, awaited: a caller that stops waiting (a timeout, a shutdown)
+/// cannot leave the key held until its lease ends, or lose a result the
+/// work produced.
+async fn settle<St: Store>(mut claim: HeldClaim<St>, record: Option<Record>) -> Result<(), StoreError> {
+    let settling = tokio::spawn(async move {
+        match record {
+            None => {
+                claim.release().await;
+                Ok(())
+            }
+            Some(record) if claim.config.store.commits_handler_writes() => claim.commit(record).await,
+            Some(record) => {
+                let unsaved = claim.complete_with(|| record.clone()).await;
+                claim.retry_completion(unsaved).await;
+                Ok(())
+            }
         }
-        let body = Bytes::copy_from_slice(message.as_bytes());
-        let fingerprint = claim.fingerprint;
-        let record = || Record::new(fingerprint, kept(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", body.clone()));
-        let unsaved = claim.complete_with(record).await;
-        claim.retry_completion(unsaved).await;
-    }
+    });
+    settling.await.unwrap_or_else(|error| Err(StoreError::unavailable(error)))
 }
 
 /// A kept result or failure, as a stored response.

@@ -272,7 +272,118 @@ async fn a_result_that_cannot_be_encoded_never_runs_again() {
             Ok::<HashMap<Vec<u8>, u8>, String>(HashMap::from([(vec![1u8], 1u8)]))
         }
     };
-    assert!(matches!(guard.run("k", &1, unencodable).await, Err(GuardError::Codec(_))));
+    assert!(matches!(guard.run("k", &1, unencodable).await, Err(GuardError::ResultNotEncoded(_))));
     assert!(matches!(guard.run("k", &1, unencodable).await, Err(GuardError::NotKept)));
     assert_eq!(runs.runs(), 1);
+}
+
+/// A memory store whose completions wait at a gate.
+#[derive(Clone, Default)]
+struct SlowToComplete {
+    inner: tower_idempotency::store::MemoryStore,
+    gate: Gate,
+}
+
+impl Store for SlowToComplete {
+    async fn claim(
+        &self,
+        request: tower_idempotency::store::ClaimRequest,
+    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
+        self.inner.claim(request).await
+    }
+
+    async fn complete(
+        &self,
+        id: &tower_idempotency::RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+        record: tower_idempotency::Record,
+        retention: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.gate.pass().await;
+        self.inner.complete(id, owner, record, retention).await
+    }
+
+    async fn release(
+        &self,
+        id: &tower_idempotency::RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.inner.release(id, owner).await
+    }
+
+    async fn renew(
+        &self,
+        id: &tower_idempotency::RecordId,
+        owner: tower_idempotency::store::OwnerToken,
+        lease: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.inner.renew(id, owner, lease).await
+    }
+
+    async fn lookup(
+        &self,
+        id: &tower_idempotency::RecordId,
+    ) -> Result<Option<tower_idempotency::store::RecordState>, tower_idempotency::store::StoreError> {
+        self.inner.lookup(id).await
+    }
+}
+
+/// A caller that stops waiting once the work has run (a timeout around the
+/// run, a shutdown) while its result is being kept: the result is kept all
+/// the same, and the next delivery replays it instead of running again.
+#[tokio::test]
+async fn a_run_cancelled_while_its_result_is_kept_still_keeps_it() {
+    let store = SlowToComplete::default();
+    let guard = Guard::new(store.clone());
+    let processor = Processor::default();
+    let cancelled = tokio::spawn({
+        let (guard, processor) = (guard.clone(), processor.clone());
+        async move { guard.run("k", &1, |work| processor.charge(work)).await }
+    });
+    store.gate.entered(1).await;
+    cancelled.abort();
+    assert!(cancelled.await.unwrap_err().is_cancelled());
+    store.gate.open(1);
+    for _ in 0..100 {
+        match guard.run("k", &1, |work| processor.charge(work)).await {
+            Err(GuardError::InFlight { .. }) => tokio::task::yield_now().await,
+            next => {
+                assert_eq!(next.unwrap(), Outcome::Replayed("ch_1".to_owned()));
+                assert_eq!(processor.runs(), 1);
+                return;
+            }
+        }
+    }
+    panic!("the result of a run whose caller stopped waiting was never kept");
+}
+
+/// Under `Rerun`, a run that waited for a concurrent one gets its result:
+/// only a key that had finished before runs again.
+#[tokio::test]
+async fn under_rerun_a_run_that_waited_replays() {
+    let guard =
+        Guard::memory().with_completed(CompletedStrategy::Rerun).on_in_flight(InFlight::Wait(Duration::from_secs(10)));
+    let gate = Gate::default();
+    let processor = Processor::default();
+    let first = tokio::spawn({
+        let (guard, gate, processor) = (guard.clone(), gate.clone(), processor.clone());
+        async move {
+            guard
+                .run("k", &1, |work| async move {
+                    gate.pass().await;
+                    processor.charge(work).await
+                })
+                .await
+        }
+    });
+    gate.entered(1).await;
+    let second = tokio::spawn({
+        let (guard, processor) = (guard.clone(), processor.clone());
+        async move { guard.run("k", &1, |work| processor.charge(work)).await }
+    });
+    tokio::task::yield_now().await;
+    gate.open(1);
+    assert_eq!(first.await.unwrap().unwrap(), Outcome::Ran("ch_1".to_owned()));
+    assert_eq!(second.await.unwrap().unwrap(), Outcome::Replayed("ch_1".to_owned()));
+    assert_eq!(processor.runs(), 1);
 }

@@ -104,7 +104,12 @@ async fn healthy_storm_logs_no_warning<St: tower_idempotency::Store + Clone>(
     duplicates: usize,
 ) {
     let (logs, _guard) = Logs::capture(tracing::Level::WARN);
-    let layer = layer.with_in_flight(tower_idempotency::InFlightPolicy::Wait(std::time::Duration::from_secs(20)));
+    // A loaded machine must not turn a store call into a timeout: this is
+    // about warnings in a healthy storm, not about speed.
+    let layer = layer
+        .with_in_flight(tower_idempotency::InFlightPolicy::Wait(std::time::Duration::from_secs(20)))
+        .with_store_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
     let (app, calls) = counted(&layer, |_, request: HandlerRequest| async move {
         let failing = request.headers()["idempotency-key"].to_str().unwrap().ends_with('0');
         tokio::task::yield_now().await;
