@@ -265,8 +265,9 @@ pub enum GuardError<E> {
     #[error("an earlier run of this key failed: {0}")]
     FailedBefore(String),
     /// An earlier run of the key finished but its result was not kept (the
-    /// store was full, or the result could not be encoded); it never runs
-    /// again.
+    /// store was full, the result was larger than
+    /// [`Guard::with_result_limit`], or it could not be encoded); it never
+    /// runs again.
     #[error("an earlier run of this key finished, but its result was not kept")]
     NotKept,
     /// The store failed or did not answer in time; nothing ran, unless
@@ -502,6 +503,20 @@ impl<St: Store + Clone> Guard<St> {
     pub fn with_store_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
         self.layer = self.layer.with_store_timeout(timeout)?;
         Ok(self)
+    }
+
+    /// The largest result, as JSON, that is kept (default 1 MiB, as the
+    /// layer's response limit): a larger one is returned to the run that
+    /// made it, and later runs get [`GuardError::NotKept`].
+    ///
+    /// # Example
+    /// ```
+    /// let guard = tower_idempotency::guard::Guard::memory().with_result_limit(64 << 10);
+    /// # drop(guard);
+    /// ```
+    pub fn with_result_limit(mut self, bytes: usize) -> Self {
+        self.layer = self.layer.with_response_limit(bytes);
+        self
     }
 
     /// Keeps this guard's keys apart from other users' of the same store
@@ -745,6 +760,10 @@ impl<St: Store + Clone> Guard<St> {
             }
         };
         let (record, encoded) = match serde_json::to_vec(&value) {
+            // Kept as run, without a result: later runs get `NotKept`.
+            Ok(body) if body.len() > config.response_limit => {
+                (Record::not_stored(fingerprint, NotStored::TooLarge), Ok(()))
+            }
             Ok(body) => (Record::new(fingerprint, kept(StatusCode::OK, "application/json", body.into())), Ok(())),
             // The work ran: its key must not run again, though there is no
             // result to keep.

@@ -387,3 +387,27 @@ async fn under_rerun_a_run_that_waited_replays() {
     assert_eq!(second.await.unwrap().unwrap(), Outcome::Replayed("ch_1".to_owned()));
     assert_eq!(processor.runs(), 1);
 }
+
+/// A result larger than the limit is the run's, and not kept: later runs
+/// never run again, and say so.
+#[tokio::test]
+async fn a_result_over_the_limit_is_returned_but_not_kept() {
+    let guard = Guard::memory().with_result_limit(16);
+    let processor = Processor::default();
+    let large = |work: Work| {
+        let processor = processor.clone();
+        async move { processor.charge(work).await.map(|id| id.repeat(10)) }
+    };
+    assert_eq!(guard.run("k", &1, large).await.unwrap(), Outcome::Ran("ch_1".repeat(10)));
+    assert!(matches!(guard.run("k", &1, large).await, Err(GuardError::NotKept)));
+    assert_eq!(processor.runs(), 1);
+}
+
+/// A run is a future that can be spawned, on every store.
+#[allow(dead_code, reason = "compiled, not run: the bounds are what is tested")]
+fn runs_can_be_spawned<St: Store + Clone>(guard: Guard<St>) {
+    tokio::spawn(async move {
+        let order = order("o-1");
+        guard.run("k", &order, |work| async move { Ok::<_, String>(work.fencing_token().get()) }).await
+    });
+}
