@@ -254,20 +254,13 @@ fn shard_index(hash: u64) -> usize {
 /// Which completed records a pass drops: per scope, the latest expiry it
 /// drops up to. Frees `to_free` (entries, bytes) one record at a time, each
 /// the one closest to expiry of the scope that holds the most (its share of
-/// the limit being freed, against `limits`; of both when both are).
+/// the limit still being freed, against `limits`; of both while both are).
 fn fair_cutoffs(
     by_scope: HashMap<u64, Vec<(Micros, usize)>>,
     to_free: (usize, usize),
     limits: (usize, usize),
 ) -> HashMap<u64, Micros> {
     let ((entries_to_free, bytes_to_free), (max_entries, max_bytes)) = (to_free, limits);
-    // entries / max_entries against bytes / max_bytes, without division.
-    let weight = |entries: usize, bytes: usize| {
-        let by_entries = if entries_to_free > 0 { entries as u128 * max_bytes as u128 } else { 0 };
-        let by_bytes = if bytes_to_free > 0 { bytes as u128 * max_entries as u128 } else { 0 };
-        by_entries.max(by_bytes)
-    };
-    let mut heap = BinaryHeap::new();
     // Per scope: its records closest to expiry first, the next to drop,
     // and the bytes of those not dropped.
     struct Held {
@@ -276,15 +269,34 @@ fn fair_cutoffs(
         next: usize,
         bytes: usize,
     }
+    // A scope's share of the limits still being freed (entries / max_entries
+    // against bytes / max_bytes, without division).
+    let weight = |held: &Held, (entries, bytes): (bool, bool)| {
+        let by_entries = if entries { (held.records.len() - held.next) as u128 * max_bytes as u128 } else { 0 };
+        let by_bytes = if bytes { held.bytes as u128 * max_entries as u128 } else { 0 };
+        by_entries.max(by_bytes)
+    };
     let mut scopes = Vec::with_capacity(by_scope.len());
     for (scope, mut records) in by_scope {
         records.sort_unstable();
         let bytes = records.iter().map(|(_, size)| size).sum();
-        heap.push((weight(records.len(), bytes), scopes.len()));
         scopes.push(Held { scope, records, next: 0, bytes });
     }
     let (mut freed_entries, mut freed_bytes, mut cutoffs) = (0, 0, HashMap::new());
-    while freed_entries < entries_to_free || freed_bytes < bytes_to_free {
+    let (mut heap, mut weighed_for) = (BinaryHeap::new(), None);
+    loop {
+        let needed = (freed_entries < entries_to_free, freed_bytes < bytes_to_free);
+        if needed == (false, false) {
+            break;
+        }
+        // Once one limit is met, only the other decides who gives way.
+        if weighed_for != Some(needed) {
+            heap = (0..scopes.len())
+                .filter(|&index| scopes[index].next < scopes[index].records.len())
+                .map(|index| (weight(&scopes[index], needed), index))
+                .collect();
+            weighed_for = Some(needed);
+        }
         let Some((_, index)) = heap.pop() else { break };
         let held = &mut scopes[index];
         let (expires_at, size) = held.records[held.next];
@@ -292,7 +304,7 @@ fn fair_cutoffs(
         (freed_entries, freed_bytes) = (freed_entries + 1, freed_bytes + size);
         cutoffs.insert(held.scope, expires_at);
         if held.next < held.records.len() {
-            heap.push((weight(held.records.len() - held.next, held.bytes), index));
+            heap.push((weight(held, needed), index));
         }
     }
     cutoffs
@@ -792,6 +804,17 @@ mod tests {
             Ok(Ok(Claim::Acquired(lease))) => lease,
             _ => panic!("key {n} was not claimed"),
         }
+    }
+
+    #[test]
+    fn once_the_entries_are_freed_the_bytes_alone_decide_who_gives_way() {
+        // Scope 1: 50 small records; scope 2: two large ones.
+        let small: Vec<(Micros, usize)> = (0..50).map(|n| (n, 10)).collect();
+        let by_scope = HashMap::from([(1, small), (2, vec![(0, 1000), (1, 1000)])]);
+        // One entry and 1,500 bytes to free.
+        let cutoffs = fair_cutoffs(by_scope, (1, 1500), (100, 10_000));
+        assert_eq!(cutoffs.get(&1), Some(&0), "the small records' scope gave more than its one record");
+        assert_eq!(cutoffs.get(&2), Some(&1));
     }
 
     #[test]
