@@ -9,7 +9,7 @@ use crate::{
     CompletedStrategy, FailureMode, InFlightPolicy, Metrics, RecordId, Rejection, RejectionKind, Responder,
     ResponseBody, Scope,
     policy::StoreIf,
-    store::{OwnerToken, Store},
+    store::{OwnerToken, Store, StoreError},
     timeout::with_timeout,
 };
 
@@ -82,6 +82,18 @@ pub(crate) struct Config<St> {
 }
 
 impl<St: Store> Config<St> {
+    /// Counts and logs a claim that failed, and says what failed: a timeout
+    /// while every connection of the store's pool was busy is the pool's,
+    /// not a store that is down.
+    pub(crate) fn claim_failed(&self, id: &RecordId, error: StoreError) -> StoreError {
+        let error = match (error, self.store.pool_exhausted()) {
+            (StoreError::Timeout(_), Some(size)) => StoreError::PoolExhausted { size },
+            (error, _) => error,
+        };
+        self.metrics.store_failed(id, "claim", &error);
+        error
+    }
+
     /// Gives the claim of `owner` back, under the store timeout; a failure
     /// is logged, as nobody waits for it.
     pub(crate) async fn release(&self, id: &RecordId, owner: OwnerToken) {

@@ -678,14 +678,7 @@ impl<St: Store + Clone> Guard<St> {
                     config.metrics.count(Counted::StoreFull);
                     return Err(GuardError::Store(StoreError::Full));
                 }
-                Err(error) => {
-                    let error = match (error, config.store.pool_exhausted()) {
-                        (StoreError::Timeout(_), Some(size)) => StoreError::PoolExhausted { size },
-                        (error, _) => error,
-                    };
-                    config.metrics.store_failed(&id, "claim", &error);
-                    return Err(GuardError::Store(error));
-                }
+                Err(error) => return Err(GuardError::Store(config.claim_failed(&id, error))),
             };
             match claimed {
                 Claim::Acquired(lease) => return self.execute(config, id, fingerprint, lease, work).await,

@@ -270,12 +270,7 @@ impl<St: Store> Guarded<St> {
                     // An answer, not a failure: the store has no room.
                     Err(StoreError::Full) => return Ok(self.reject(RejectionKind::StoreFull)),
                     Err(error) => {
-                        // A pool with no free connection is not a store that is down.
-                        let error = match (error, config.store.pool_exhausted()) {
-                            (StoreError::Timeout(_), Some(size)) => StoreError::PoolExhausted { size },
-                            (error, _) => error,
-                        };
-                        config.metrics.store_failed(&id, "claim", &error);
+                        let error = config.claim_failed(&id, error);
                         // A record the store holds but cannot read is an answer too.
                         let answered = answered || matches!(error, StoreError::Corrupt(_));
                         return match config.failure {
